@@ -71,7 +71,11 @@ def test_bad_resume_path_is_one_line(tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists(), "nothing is written for bad input"
 
-def test_accelerate_launch_two_cpu_processes(tmp_path):
+def test_warmup_is_applied(reference):
+    lrs = [m[4] for m in losses(reference[0])]
+    assert lrs[:5] == sorted(lrs[:5]) and lrs[0] < lrs[4], "tiny stage: 5 warmup steps raise the LR"
+
+def test_accelerate_launch_two_cpu_processes(tmp_path, reference):
     out = tmp_path / "ddp"
     cmd = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", shutil.which("opd-distill"), "--stage", "tiny", "--set", "train.max_steps=2",
@@ -80,6 +84,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoints" / "step-000002" / "manifest.json").exists()
     assert len(losses(out)) == 2
+    assert [m[4] for m in losses(out)] == [m[4] for m in losses(reference[0])][:2], "one LR-scheduler step per optimizer step, not per process"
 
 def test_papermill_job(tmp_path):
     pm = pytest.importorskip("papermill")
