@@ -534,6 +534,7 @@ d = { 'settings': { 'branch': 'main',
                            'opd.train.distill': ('train.html#distill', 'opd/train.py'),
                            'opd.train.latest_valid_checkpoint': ('train.html#latest_valid_checkpoint', 'opd/train.py'),
                            'opd.train.list_checkpoints': ('train.html#list_checkpoints', 'opd/train.py'),
+                           'opd.train.lr_factor': ('train.html#lr_factor', 'opd/train.py'),
                            'opd.train.main': ('train.html#main', 'opd/train.py'),
                            'opd.train.verify_checkpoint': ('train.html#verify_checkpoint', 'opd/train.py'),
                            'opd.train.write_manifest': ('train.html#write_manifest', 'opd/train.py')}}}
