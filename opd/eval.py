@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from .config import (Config, EvalConfig, OpdError, cli_main, config_hash, config_parser, load_config, print_config,
                         repro_keys, run_id)
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed
+from .models import save_png, to_uint8
 from .losses import final_latent_mse, gaussian_kl
 
 # %% auto #0
 __all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'METRICS', 'ARMS', 'SUMMARY_COLUMNS', 'CATEGORY_MD_METRICS',
-           'SAMPLE_COLUMNS', 'image_mse', 'to_uint8', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance', 'CI',
+           'SAMPLE_COLUMNS', 'image_mse', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance', 'CI',
            'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer', 'load_clip', 'EvalItem',
            'pick_prompts', 'eval_items', 'Checkpoint', 'resolve_ckpt', 'load_student_weights', 'ArmOutputs',
            'per_step_kl', 'image_name', 'image_relpath', 'run_arm', 'per_sample_table', 'summarize',
@@ -39,10 +40,6 @@ __all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'METRICS', 'ARMS',
 def image_mse(a: Tensor, b: Tensor) -> Tensor:
     "Per-sample mean squared difference of two image batches (B, 3, H, W) in [0, 1]."
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
-
-def to_uint8(images: Tensor) -> Tensor:
-    "(B, 3, H, W) floats in [0, 1] → (B, H, W, 3) uint8 on the CPU: exactly what the PNGs hold."
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 def from_uint8(images: Tensor) -> Tensor:
     "(B, H, W, 3) uint8 → (B, 3, H, W) float32 in [0, 1]."
@@ -332,11 +329,7 @@ def image_relpath(item: EvalItem, arm: str, sde: bool = False) -> str:
     return "eval/" + image_name(item, arm, sde)
 
 def _save_pngs(images: Tensor, items, eval_dir: Path, arm: str, sde: bool):
-    from PIL import Image
-    for img, it in zip(images, items):
-        p = eval_dir / image_name(it, arm, sde)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.numpy()).save(p, compress_level=1 if sde else 6)
+    for img, it in zip(images, items): save_png(img, eval_dir / image_name(it, arm, sde), compress_level=1 if sde else 6)
 
 # %% ../nbs/06_eval.ipynb #ce18a55a
 def _autocast(cfg: Config, device):

@@ -26,7 +26,7 @@ __all__ = ['LAYOUTS', 'SD3_LATENT_RGB', 'SD3_LATENT_RGB_BIAS', 'EXACT_SPEC_HELP'
            'category_of', 'prompt_words', 'PromptList', 'prompts_of', 'ExactGMMTeacher', 'mc_velocity', 'ExactPair',
            'prompt_batch', 'sample_prompts', 'nll_per_dim', 'mode_coverage', 'exact_step_kl', 'is_exact_spec',
            'parse_exact_spec', 'build_exact_pair', 'ExactEvalSet', 'make_eval_set', 'sample_metrics', 'exact_metrics',
-           'reference_metrics', 'run_exact_ablation', 'plot_ablation', 'plot_modes_pca', 'exact_config',
+           'reference_metrics', 'run_exact_ablation', 'plot_exact_ablation', 'plot_modes_pca', 'exact_config',
            'save_ablation', 'load_ablation']
 
 # %% ../nbs/09_exact_teacher.ipynb #f1774717
@@ -523,7 +523,7 @@ def run_exact_ablation(cfg: Config, modes: Sequence[str] = ABLATION_MODES, seeds
 _METRIC_LABELS = {"nll": "NLL under the true mixture (nats/dim)", "tv": "mode TV distance", "latent_mse": "final-latent MSE vs teacher",
                   "spread": "within-mode spread (× c²)", "kl_path_per_dim": "exact path KL (nats/dim)", "dropped": "dropped modes"}
 
-def plot_ablation(R: dict, metrics: Sequence[str] = ("nll", "tv", "latent_mse", "spread"), size: float = 3.4):
+def plot_exact_ablation(R: dict, metrics: Sequence[str] = ("nll", "tv", "latent_mse", "spread"), size: float = 3.4):
     "Metrics over training per mode (mean over seeds, min–max band) with the teacher/data references dashed."
     import matplotlib.pyplot as plt
     H, ref = R["history"], R["reference"]

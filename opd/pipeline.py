@@ -6,16 +6,17 @@ Docs: https://opd-dev.github.io/opd/pipeline.html.md"""
 
 # %% ../nbs/10_pipeline.ipynb #2b7ed73e
 from __future__ import annotations
-import json, os, time
+import gc, json, os, sys, time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import pandas as pd
 
-from .config import Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config, project_root
+from .config import Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config, project_root, run_dir_for
 
 # %% auto #0
-__all__ = ['STEPS', 'ABLATION_MODES', 'run_pipeline', 'headline', 'run_ablation', 'plot_ablation', 'main']
+__all__ = ['STEPS', 'NOTEBOOK_JOBS', 'STEP_FILES', 'ABLATION_MODES', 'run_pipeline', 'headline', 'nbs_dir', 'run_notebook',
+           'run_ablation', 'plot_ablation', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #144f9a33
 def _records(cfg, run_dir, ctx):
@@ -45,12 +46,12 @@ def _teacher_dataset(cfg, run_dir, ctx):
     from opd.rollout import build_teacher_dataset
     recs = [r for r in _records(cfg, run_dir, ctx) if r.get("split") in ("val", "heldout")]
     d = build_teacher_dataset(_pair(cfg, run_dir, ctx), cfg, run_dir, recs, "none", batch_size=max(8, cfg.train.batch_size))
-    ctx.pop("pair", None)                     # training builds its own (trainable) pair
     return [d / "manifest.jsonl"]
 
 def _distill(cfg, run_dir, ctx):
     from opd.train import distill
-    s = distill(cfg, run_dir, resume="auto", progress=ctx["progress"])
+    # the pair the text cache and teacher dataset used (its student still untrained) is the one training needs: one load, not two
+    s = distill(cfg, run_dir, resume="auto", progress=ctx["progress"], pair=ctx.pop("pair", None))
     ctx["train"] = s
     return [run_dir / "metrics.csv", run_dir / "train_summary.json", run_dir / "student"]
 
@@ -82,11 +83,12 @@ def _write_state(run_dir: Path, state: dict):
     tmp.write_text(json.dumps(state, indent=2)); os.replace(tmp, run_dir / "pipeline.json")
 
 def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, force: Optional[str] = None,
-                 progress: bool = True, log=print) -> dict:
-    "Run (or resume) the pipeline for `cfg`; returns the state with each step's outputs."
+                 progress: bool = True, log=print, notebooks: bool = False) -> dict:
+    "Run (or resume) the pipeline for `cfg`; returns the state with each step's outputs. `notebooks`: run steps as their notebook jobs."
     names = list(steps or STEPS)
     for s in names + ([force] if force else []):
         if s not in STEPS: raise OpdError("--steps" if s != force else "--force", s, ", ".join(STEPS))
+    if notebooks: _check_notebooks(run_dir_for(cfg, out))
     run_dir = prepare_run_dir(cfg, out)
     state = _read_state(run_dir)
     if force: 
@@ -97,7 +99,11 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
             log(f"[{name}] done already, skipped"); continue
         log(f"[{name}] …")
         t0 = time.perf_counter()
-        paths = STEPS[name](cfg, run_dir, ctx)
+        as_notebook = notebooks and name in NOTEBOOK_JOBS and not (name == "text_cache" and not cfg.model.text_cache)  # no cache: nothing for 02 to write
+        if as_notebook:
+            ctx.pop("pair", None)                 # the notebook's kernel loads its own models: free ours first
+            paths = run_notebook(name, cfg, run_dir, log)
+        else: paths = STEPS[name](cfg, run_dir, ctx)
         state["steps"][name] = dict(done=True, seconds=round(time.perf_counter() - t0, 2), outputs=[str(p) for p in paths])
         _write_state(run_dir, state)
     state["run_dir"] = str(run_dir)
@@ -112,6 +118,60 @@ def headline(run_dir: Path) -> dict:
     ev = run_dir / "eval" / "eval.json"
     if ev.is_file(): out["eval"] = json.loads(ev.read_text()).get("headline")
     return out
+
+# %% ../nbs/10_pipeline.ipynb #55f87bd4
+NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "02_models", "teacher_dataset": "03_rollout", "distill": "05_train",
+                 "eval": "06_eval", "grids": "07_compare", "survey": "08_qualtrics"}
+
+STEP_FILES = {"prompts": ["prompts.jsonl", "prompts_manifest.json"], "text_cache": ["text_cache"], "teacher_dataset": ["teacher_dataset/manifest.jsonl"],
+              "distill": ["metrics.csv", "train_summary.json", "student"], "eval": ["eval/summary.csv", "eval/summary.md", "eval/samples.csv"],
+              "grids": ["eval/grid_*.png"], "survey": ["survey/survey.csv", "survey/private/key.csv"]}
+
+def nbs_dir() -> Path:
+    "The checkout's `nbs/`, where the notebook jobs live."
+    import opd
+    d = Path(opd.__file__).resolve().parent.parent / "nbs"
+    if not d.is_dir(): raise OpdError("--notebooks", str(d), msg=f"--notebooks: no notebooks at {d}; allowed: a source checkout of opd (pip install -e '.[dev]')")
+    return d
+
+def _check_notebooks(run_dir: Path):
+    "Everything `--notebooks` needs, checked before any step runs."
+    try: import papermill
+    except ImportError: raise OpdError("--notebooks", True, msg="--notebooks needs papermill; allowed: pip install -e '.[dev]'") from None
+    if Path(run_dir).resolve().is_relative_to(nbs_dir()): raise OpdError("--out", str(run_dir), "a run directory outside nbs/ (executed notebooks never land there)")
+
+def _skipped(cell) -> bool:
+    "A code cell `nbdev-test` skips: `#| slow`, `#| gpu`, `#| notest` (the tst_flags) or `#| eval: false`."
+    if cell.cell_type != "code": return False
+    for line in cell.source.splitlines():
+        if not line.startswith("#|"): break
+        if line[2:].replace(" ", "") in ("slow", "gpu", "notest", "eval:false"): return True
+    return False
+
+# %% ../nbs/10_pipeline.ipynb #01ab38c3
+def run_notebook(step: str, cfg: Config, run_dir, log=print) -> list[Path]:
+    "Execute `step`'s notebook job for `cfg` into `run_dir/notebooks/`; returns the executed copy and the step's files."
+    _check_notebooks(run_dir)
+    import nbformat, papermill as pm
+    from opd.config import config_overrides
+    src = nbs_dir() / f"{NOTEBOOK_JOBS[step]}.ipynb"
+    run_dir = Path(run_dir).resolve()                     # the kernel runs in nbs/: hand it absolute paths
+    dest = run_dir / "notebooks" / src.name
+    nb = nbformat.read(src, as_version=4)
+    nb.cells = [c for c in nb.cells if not _skipped(c)]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available(): sys.modules["torch"].cuda.empty_cache()
+    log(f"[{step}] notebook {src.name} → {dest}")
+    params = dict(stage=cfg.stage, overrides=config_overrides(cfg), out=str(run_dir))
+    try: pm.execute_notebook(nb, str(dest), parameters=params, cwd=str(src.parent), progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        if e.ename == "OpdError": raise OpdError(src.name, msg=f"{e.evalue} (notebook job: {dest})") from None
+        raise
+    files = {pat: sorted(run_dir.glob(pat)) for pat in STEP_FILES[step]}
+    missing = [pat for pat, found in files.items() if not found]
+    if missing: raise OpdError(src.name, msg=f"{src.name} ran but wrote no {', '.join(missing)} in {run_dir} (see {dest})")
+    return [dest, *(p for found in files.values() for p in found)]
 
 # %% ../nbs/10_pipeline.ipynb #2c773227
 ABLATION_MODES = ("on_policy", "teacher", "forward", "mixed")
@@ -164,11 +224,12 @@ def _pipeline_cli(argv=None):
     p.add_argument("--steps", help=f"comma-separated subset of: {', '.join(STEPS)}")
     p.add_argument("--force", help="re-run this step and the ones after it")
     p.add_argument("--ablation", action="store_true", help="also train and evaluate one student per distill.mode (on_policy, teacher, forward, mixed)")
+    p.add_argument("--notebooks", action="store_true", help="run each step that has a notebook job as that notebook (papermill); executed copies go to <run_dir>/notebooks/")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config: return print_config(cfg)
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
-    state = run_pipeline(cfg, args.out, steps=steps, force=args.force)
+    state = run_pipeline(cfg, args.out, steps=steps, force=args.force, notebooks=args.notebooks)
     rd = Path(state["run_dir"])
     if args.ablation:
         abl = run_ablation(cfg, rd)

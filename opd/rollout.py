@@ -270,15 +270,10 @@ def parse_snapshots(policy: str, K: int) -> list[int]:
         k = int(policy[6:]); return sorted(set(range(0, K + 1, k)) | {K})
     raise OpdError("--snapshots", policy, "none, all, every:K (K ≥ 1)")
 
-def _save_png(img: Tensor, path: Path):
-    from PIL import Image
-    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(arr).save(tmp); os.replace(tmp, path)
-
 def build_teacher_dataset(pair, cfg, run_dir, records: list[dict], snapshots: str = "none", batch_size: int = 8, progress: bool = True) -> Path:
     "Teacher samples for `records` under `run_dir/teacher_dataset/` (resumable); returns the folder."
     from safetensors.torch import save_file
+    from opd.models import save_png, to_uint8
     out = Path(run_dir) / "teacher_dataset"
     (out / "images").mkdir(parents=True, exist_ok=True); (out / "latents").mkdir(exist_ok=True)
     man = out / "manifest.jsonl"
@@ -299,7 +294,7 @@ def build_teacher_dataset(pair, cfg, run_dir, records: list[dict], snapshots: st
             tensors = {"final_latent": states[j, -1].float().cpu().contiguous()}
             if keep: tensors["snapshots"] = states[j, keep].float().cpu().contiguous()
             save_file(tensors, str(out / "latents" / f"{stem}.safetensors"), metadata={"steps": json.dumps(keep)})
-            _save_png(imgs[j], out / "images" / f"{stem}.png")
+            save_png(to_uint8(imgs[j:j + 1])[0], out / "images" / f"{stem}.png")
             line = dict(prompt_id=stem, prompt=r["prompt"], category=r.get("category"), split=r.get("split"), seed=seeds[j],
                         image=f"images/{stem}.png", latents=f"latents/{stem}.safetensors", snapshot_steps=keep,
                         sigmas=[round(s, 6) for s in eng.sigmas.tolist()])

@@ -94,3 +94,17 @@ def test_papermill_job(tmp_path):
     pm.execute_notebook(str(ROOT / "nbs" / "05_train.ipynb"), str(tmp_path / "05_train.ipynb"), cwd=str(ROOT / "nbs"),
                         parameters=dict(stage="tiny", overrides=["train.max_steps=10", "prompts.n_prompts=24"], out=str(out)), progress_bar=False)
     assert (out / "student").is_dir() and len(losses(out)) == 10
+
+def test_train_compile_wires_regional_compilation(tmp_path):
+    "train.compile compiles the named models' blocks in place (lazily: no forward runs here), keeps state-dict keys, rejects bad values."
+    from opd.config import load_config
+    from opd.train import DistillTrainer
+    from opd.models import load_models
+    cfg = load_config("tiny", overrides=["train.compile=student", "prompts.n_prompts=16"])
+    tr = DistillTrainer(cfg, tmp_path / "run", progress=False)
+    compiled = lambda m: [getattr(b, "_compiled_call_impl", None) is not None for b in m.transformer.transformer_blocks]
+    assert all(compiled(tr.pair.student)) and not any(compiled(tr.pair.teacher))
+    eager = load_models(load_config("tiny"))
+    assert set(tr.pair.student.transformer.state_dict()) == set(eager.student.transformer.state_dict())
+    r = subprocess.run(["opd-distill", "--stage", "tiny", "--set", "train.compile=all", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert r.returncode == 2 and "train.compile" in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

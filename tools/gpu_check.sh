@@ -12,7 +12,15 @@
 #   (c) 1024 px, batch 1, full fine-tune, one timed iteration
 #   (d) opd-plan-memory's predictions for (a)-(c), next to the measured peaks (summary.md)
 #   (e) only if time is left: (a) with the teacher's blocks torch.compile'd (eager vs compiled)
+#   (f) not in the default set: (a) again with the teacher throughput curve (the grading ceiling) and
+#       torch.compile of teacher and student blocks, given all the time that is left — for a session
+#       that already has (a)-(d):   STEPS=f bash tools/gpu_check.sh
+#   (g) (a) and (h) (c) as the trainer runs them with train.compile=both (the pilot/final default): the
+#       iteration, overhead ratio and peak memory of compiled training; the first warm-up iteration compiles
+# STEPS picks steps (default "a b c d e"); bench.json is rewritten after every measurement, so a cut keeps what was done.
 set -u
+STEPS=" ${STEPS:-a b c d e} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 T0=$(date +%s)
 BUDGET=${BUDGET:-465}
 OUT=${OUT:-/tmp/opd_gpu_out}; mkdir -p "$OUT"
@@ -41,7 +49,8 @@ BENCH=(python3 -c 'import sys; from opd.bench import main; main(sys.argv[1:])')
 BASE=(--stage final --n-prompts 16
       --set model.teacher=random:sd35-large --set model.student=random:sd35-medium
       --set model.dtype=bfloat16 --set train.mixed_precision=bf16 --set model.gradient_checkpointing=true
-      --set train.grad_accum=1 --set distill.num_steps=8 --set train.timesteps_per_sample=4)
+      --set train.grad_accum=1 --set distill.num_steps=8 --set train.timesteps_per_sample=4
+      --set train.compile=none)   # eager baselines; (g)/(h) switch train.compile on (the pilot/final default)
 A=("${BASE[@]}" --set model.resolution=512 --set train.batch_size=2)
 B=("${A[@]}" --set model.lora_rank=64)
 C=("${BASE[@]}" --set model.resolution=1024 --set train.batch_size=1)
@@ -52,7 +61,7 @@ if [ "$DRY" = 1 ]; then
 fi
 
 run_bench() {  # name cap reserve args...
-    local name=$1 c; c=$(cap "$2" "$3"); shift 3
+    local name=$1 c; want "$name" || return 0; c=$(cap "$2" "$3"); shift 3
     if (( c < 45 )); then say "skip ($name): only $(left)s left"; return; fi
     say "($name) opd-bench, cap ${c}s: $*"
     timeout -k 10 "$c" "${BENCH[@]}" "$@" --out "$WORK/$name" >>"$LOG" 2>&1
@@ -65,6 +74,7 @@ run_bench a 130 85 "${A[@]}" --iters 4 --warmup 2
 run_bench b 90 30 "${B[@]}" --iters 4 --warmup 2
 run_bench c 60 30 "${C[@]}" --iters 1 --warmup 1 --grading-batches 1 --grading-reps 2
 
+if want d; then
 say "(d) opd-plan-memory for a, b, c (GPU ${GPU_GIB} GiB), cap $(cap 60 0)s"
 timeout -k 5 "$(cap 60 0)" python3 - "$OUT" "$GPU_GIB" "${#A[@]}" "${A[@]}" "${#B[@]}" "${B[@]}" "${#C[@]}" "${C[@]}" >>"$LOG" 2>&1 <<'EOF'
 import json, sys
@@ -96,10 +106,14 @@ for n, p, pf, m in rows:
     print(f"| {n} | {p:.1f} | {pf:.1f} | {m:.1f} | {r(p)} | {r(pf)} |" if m else f"| {n} | {p:.1f} | {pf:.1f} | — | — | — |")
 EOF
 say "(d) exit $?"
+fi
 
 # (e) compile, only with the time that is left (bench.json is rewritten after each section, so a cut still leaves the eager numbers)
 if [ "$DRY" = 1 ]; then say "DRY: skip (e) compile"; else
 run_bench e 400 10 "${A[@]}" --iters 2 --warmup 1 --grading-batches "" --compile --compile-targets teacher
+run_bench f 900 25 "${A[@]}" --iters 3 --warmup 2 --grading-batches 1,4 --throughput-max-images 64 --compile --compile-targets teacher,student
+run_bench g 260 190 "${A[@]}" --set train.compile=both --iters 3 --warmup 2 --grading-batches ""
+run_bench h 260 10 "${C[@]}" --set train.compile=both --iters 2 --warmup 2 --grading-batches ""
 fi
 
 say "summary"
@@ -110,15 +124,17 @@ out = Path(sys.argv[1])
 plans = json.loads((out / "plans.json").read_text()) if (out / "plans.json").exists() else {}
 print("| run | device | setup | iteration s | samples/s | overhead ratio (per phase r/g/b/o) | grading speedup b1 / b4 | peak GiB measured | predicted (foreach / fused) |")
 print("|---|---|---|---|---|---|---|---|---|")
-for name in "abce":
+for name in "abcefgh":
     f = out / f"bench_{name}.json"
     if not f.exists(): print(f"| {name} | — | not run / no output | | | | | | |"); continue
     b = json.loads(f.read_text()); s = b["setup"]; it = b.get("iteration", {})
-    setup = f"{s['resolution']}px b{s['batch_size']} K{s['K']} n{s['trained_states_per_sample']} {'LoRA r' + str(s['lora_rank']) if s['lora_rank'] else 'full FT'}"
+    setup = f"{s['resolution']}px b{s['batch_size']} K{s['K']} n{s['trained_states_per_sample']} {'LoRA r' + str(s['lora_rank']) if s['lora_rank'] else 'full FT'}{' compiled' if s.get('compile', 'none') != 'none' else ''}"
     ov = b.get("overhead", {})
     ovs = f"{b['overhead_ratio']:.3f} ({'/'.join(f'{ov[k]:.2f}' for k in ('rollout', 'grading', 'backward', 'optimizer'))})" if "overhead_ratio" in b else "—"
     g = b.get("grading", {})
     gs = " / ".join(f"{g[k]['speedup']:.2f}×" if "speedup" in g.get(k, {}) else "—" for k in ("b1", "b4"))
+    ce = b.get("grading_ceiling", {})
+    if ce: gs += " (max " + " / ".join(f"{ce[k]['max_speedup']:.2f}×" if k in ce else "—" for k in ("b1", "b4")) + ")"
     pl = plans.get(name, {})
     pred = f"{pl['peak_training_gib']:.1f} / {pl['fused_peak_training_gib']:.1f}" if pl else "—"
     peak = f"{b['peak_mem_mb'] / 1024:.1f}" if "peak_mem_mb" in b else "—"
@@ -127,7 +143,9 @@ for name in "abce":
     if c.get("calls"):
         for k, v in c["calls"].items(): print(f"|  | compile {k} | eager {1e3 * v['eager_s']:.1f} ms → {1e3 * v['compiled_s']:.1f} ms | {v['speedup']:.2f}× | compile {v['compile_s']:.0f} s | | | | |")
         if c.get("iteration_s"): print(f"|  | compiled iteration | {c['iteration_s']:.3f} s vs eager {c['eager_iteration_s']:.3f} s | {c.get('iteration_speedup') or float('nan'):.2f}× | | | | | |")
-    elif c.get("skipped") and name == "e": print(f"|  | compile | {c['skipped']} | | | | | | |")
+    tp = b.get("throughput", {})
+    if tp.get("images"): print("|  | teacher ms/image at n images | " + ", ".join(f"{n}: {m:.1f}" for n, m in zip(tp["images"], tp["ms_per_image"])) + " | | | | | | |")
+    if c.get("skipped") and name in "ef": print(f"|  | compile | {c['skipped']} | | | | | | |")
 EOF
 cat "$OUT/summary.md" | tee -a "$LOG"
 say "done in $(( $(date +%s) - T0 ))s; files: $(ls "$OUT" | tr '\n' ' ')"
