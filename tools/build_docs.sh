@@ -3,6 +3,7 @@
 #
 #   bash tools/build_docs.sh            # build _docs/ if Quarto can be had, else only check nbdev's doc processing
 #   DOCS_REQUIRED=1 bash tools/build_docs.sh   # fail (exit 3) when Quarto cannot be had
+#   DOCS_NO_INSTALL=1 bash tools/build_docs.sh  # don't try to install Quarto (CI: the preprocessing check only)
 #
 # Quarto: a `quarto` already on PATH is used; otherwise `pip install quarto-cli` into a throwaway venv.
 # NB: quarto-cli on PyPI is an sdist whose build downloads the Quarto tarball from GitHub releases;
@@ -22,7 +23,7 @@ t0=$(date +%s)
 tmp=$(mktemp -d /tmp/opd-docs.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 
-if ! command -v quarto >/dev/null 2>&1; then
+if ! command -v quarto >/dev/null 2>&1 && [ -z "${DOCS_NO_INSTALL:-}" ]; then
   echo "== installing quarto-cli into $tmp/venv (throwaway)"
   python -m venv --system-site-packages "$tmp/venv"
   if "$tmp/venv/bin/pip" install -q quarto-cli >"$tmp/pip.log" 2>&1 && "$tmp/venv/bin/quarto" --version >/dev/null 2>&1; then
