@@ -16,13 +16,13 @@ from tqdm.auto import tqdm
 
 from .config import (Config, OpdError, cli_main, config_from_args, config_parser, load_config, prepare_run_dir,
                         print_config, repro_keys)
-from .models import compile_blocks
+from .models import compile_blocks, compile_unavailable
 
 # %% auto #0
 __all__ = ['TARGETS', 'sync', 'timed', 'median', 'reset_peak', 'memory_mb', 'device_info', 'trained_states', 'train_step_timed',
            'pure_model_calls', 'pure_times', 'overhead', 'measure_iterations', 'grading_speedup', 'teacher_throughput',
-           'grading_ceiling', 'compile_unavailable', 'compile_bench', 'run_bench', 'targets_met', 'bench_table',
-           'plot_phases', 'plot_throughput', 'main']
+           'grading_ceiling', 'compile_bench', 'run_bench', 'targets_met', 'bench_table', 'plot_phases',
+           'plot_throughput', 'main']
 
 # %% ../nbs/11_bench.ipynb #2167f564
 def sync(device=None):
@@ -247,23 +247,17 @@ def _t_at(curve: dict, n: float) -> float:
 
 def grading_ceiling(curve: dict, batch: int, K: int, chunk: int, guidance: float) -> dict:
     "Predicted batched-over-stepwise grading speedup at `chunk`, and the most any chunk could give, from `teacher_throughput`."
+    if not curve.get("images"): return dict(batch=batch, K=K, chunk=chunk, skipped=curve.get("stopped", "no throughput curve"))
     g = 1 if guidance == 1 else 2
     stepwise = K * _t_at(curve, g * batch)
-    c = min(chunk, batch * K)
-    batched = math.ceil(batch * K / c) * _t_at(curve, g * c)
-    best = g * batch * K * min(t / n for n, t in zip(curve["images"], curve["seconds"]))
+    full, rest = divmod(batch * K, chunk)                  # what `grade` runs: full chunks, then one partial chunk
+    batched = full * _t_at(curve, g * chunk) + (_t_at(curve, g * rest) if rest else 0.0)
+    reach = [(n, t) for n, t in zip(curve["images"], curve["seconds"]) if n <= g * batch * K] or [(curve["images"][0], curve["seconds"][0])]
+    best = g * batch * K * min(t / n for n, t in reach)     # one forward can hold at most all B·K states
     return dict(batch=batch, K=K, chunk=chunk, images_per_state=g, predicted_speedup=stepwise / batched, max_speedup=stepwise / best,
                 saturating_images=curve["images"][min(range(len(curve["images"])), key=lambda i: curve["ms_per_image"][i])])
 
 # %% ../nbs/11_bench.ipynb #487dfdb0
-def compile_unavailable(device) -> Optional[str]:
-    "Why `torch.compile` cannot run here, or None."
-    if not hasattr(torch, "compile"): return f"torch {torch.__version__} has no torch.compile"
-    if sys.version_info >= (3, 14) and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9): return "torch.compile does not support this Python"
-    if torch.device(device).type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
-        return "no C++ compiler on PATH (inductor needs one on CPU)"
-    return None
-
 def compile_bench(trainer, targets: Sequence[str] = ("teacher", "student"), reps: int = 3, iters: int = 3, eager_iteration: Optional[float] = None,
                   mode: Optional[str] = None, progress: bool = True, on_update: Optional[Callable] = None) -> dict:
     "Eager vs regionally compiled teacher/student model calls, compile times, and whole compiled iterations."
@@ -425,7 +419,7 @@ def targets_met(res: dict) -> dict:
         g = res.get("grading", {}).get("b1", {})
         out["grading_speedup_b1"] = bool(g["speedup"] >= t["grading_speedup_min"]) if "speedup" in g else None
         c = res.get("grading_ceiling", {}).get("b1")
-        out["grading_speedup_b1_reachable"] = bool(c["max_speedup"] >= t["grading_speedup_min"]) if c else None
+        out["grading_speedup_b1_reachable"] = bool(c["max_speedup"] >= t["grading_speedup_min"]) if c and "max_speedup" in c else None
     return out
 
 # %% ../nbs/11_bench.ipynb #93a24f13
@@ -457,7 +451,7 @@ def bench_table(res: dict) -> str:
                 f"{it['skipped']} skipped steps", ""]
     if res.get("grading"):
         ceil = res.get("grading_ceiling", {})
-        x = lambda k, f: f"{ceil[k][f]:.2f}×" if k in ceil else "—"
+        x = lambda k, f: f"{ceil[k][f]:.2f}×" if f in ceil.get(k, {}) else "—"
         rows = [[f"batch {g['batch']}", _ms(g.get("batched_s")), _ms(g.get("stepwise_s")), f"{g['speedup']:.2f}×" if "speedup" in g else g.get("skipped", ""),
                  f"{g.get('forwards_batched', '')} vs {g.get('forwards_stepwise', '')}", x(k, "predicted_speedup"), x(k, "max_speedup")]
                 for k, g in res["grading"].items()]

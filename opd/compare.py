@@ -22,7 +22,8 @@ from .config import Config, OpdError, load_config
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch
 from .losses import gaussian_kl
 from .prompts import build_prompts
-from .eval import ARMS, SAMPLE_COLUMNS, eval_items, load_student_weights, resolve_ckpt, to_uint8, _read_run_prompts
+from .eval import ARMS, SAMPLE_COLUMNS, eval_items, load_student_weights, resolve_ckpt, _read_run_prompts
+from .models import to_uint8
 
 # %% auto #0
 __all__ = ['wrap_text', 'grid_size', 'grid_image', 'read_samples', 'make_grids', 'x0_hat', 'TrajectoryFrames',

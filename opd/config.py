@@ -16,10 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['STAGES', 'OpdError', 'ModelConfig', 'PromptsConfig', 'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig',
-           'Config', 'stage_dict', 'parse_override', 'as_overrides', 'load_config', 'config_overrides', 'config_hash',
-           'run_id', 'git_commit', 'package_versions', 'repro_keys', 'project_root', 'runs_dir', 'run_dir_for',
-           'prepare_run_dir', 'config_parser', 'config_from_args', 'print_config', 'cli_main']
+__all__ = ['STAGES', 'SPEED_ONLY', 'OpdError', 'ModelConfig', 'PromptsConfig', 'TrainConfig', 'DistillConfig', 'EvalConfig',
+           'QualtricsConfig', 'Config', 'stage_dict', 'parse_override', 'as_overrides', 'load_config',
+           'config_overrides', 'config_hash', 'run_id', 'git_commit', 'package_versions', 'repro_keys', 'project_root',
+           'runs_dir', 'run_dir_for', 'prepare_run_dir', 'config_parser', 'config_from_args', 'print_config',
+           'cli_main']
 
 # %% ../nbs/00_config.ipynb #1eca4b94
 class OpdError(Exception):
@@ -259,9 +260,11 @@ def config_overrides(cfg: Config) -> list[str]:
     return [f"{k}={_yaml_value(v)}" for k, v in _leaves(cfg.model_dump(mode="json")).items() if k not in base or base[k] != v]
 
 # %% ../nbs/00_config.ipynb #0c11c1fa
+SPEED_ONLY = {"train": {"compile"}}
+
 def config_hash(cfg: Config) -> str:
-    "sha256 of the canonical JSON of the resolved config."
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    "sha256 of the canonical JSON of the resolved config, without the speed-only knobs."
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=SPEED_ONLY), sort_keys=True).encode()).hexdigest()
 
 def run_id(cfg: Config) -> str:
     return f"{cfg.run_name or cfg.stage}-{config_hash(cfg)[:8]}"

@@ -6,7 +6,7 @@ Docs: https://opd-dev.github.io/opd/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #17fea832
 from __future__ import annotations
-import copy, gc, hashlib, json, os, re, socket, time, warnings
+import copy, gc, hashlib, json, os, re, shutil, socket, sys, time, warnings
 from dataclasses import dataclass, field, replace
 from collections import Counter
 from functools import lru_cache
@@ -27,7 +27,7 @@ __all__ = ['TINY_TRANSFORMER', 'TINY_VAE', 'TINY_TEXT', 'SD35_MEDIUM', 'SD35_LAR
            'build_text_encoders', 'ModelSpec', 'parse_spec', 'hub_offline', 'FlowModel', 'prune_transformer',
            'add_lora', 'lora_state_dict', 'latent_space', 'check_compatible', 'TextEncoders', 'random_text_encoders',
            'pretrained_text_encoders', 'TextCache', 'resolve_device', 'ModelPair', 'load_models', 'time_forward',
-           'compile_blocks', 'compile_pair', 'to_uint8', 'save_png', 'load_student_pipeline']
+           'compile_unavailable', 'compile_blocks', 'compile_pair', 'to_uint8', 'save_png', 'load_student_pipeline']
 
 # %% ../nbs/02_models.ipynb #4d4f95d5
 import diffusers, transformers
@@ -701,7 +701,8 @@ def load_models(cfg: Config, device=None, cache_dir=None) -> ModelPair:
         s_space = latent_space(student_tr.config, student_src.vae_config)
     check_compatible(latent_space(teacher_tr.config, teacher_src.vae.config), s_space, m.student)
     student_tr.requires_grad_(True)
-    if lora: add_lora(student_tr, m.lora_rank, m.lora_alpha, m.lora_targets)
+    if lora:   # the adapters' random init from its own seed: the same student whoever calls, whatever the global RNG
+        with _seeded(derive_init_seed(cfg.seed, "lora"), dev, torch.float32): add_lora(student_tr, m.lora_rank, m.lora_alpha, m.lora_targets)
     if m.gradient_checkpointing: student_tr.enable_gradient_checkpointing()
     student_tr.train()
     teacher_src.vae.eval().requires_grad_(False)
@@ -742,12 +743,21 @@ def time_forward(model: FlowModel, emb: TextEmbeddings, batch: int, latent_shape
     return sorted(ts)[len(ts) // 2]
 
 # %% ../nbs/02_models.ipynb #5f31ddf0
-def compile_blocks(transformer, mode: Optional[str] = None, dynamic: Optional[bool] = None, field: str = "train.compile") -> int:
+def compile_unavailable(device) -> Optional[str]:
+    "Why `torch.compile` cannot run here, or None."
+    if not hasattr(torch, "compile"): return f"torch {torch.__version__} has no torch.compile"
+    if sys.version_info >= (3, 14) and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 9): return "torch.compile does not support this Python"
+    if torch.device(device).type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "no C++ compiler on PATH (inductor needs one on CPU)"
+    return None
+
+def compile_blocks(transformer, mode: Optional[str] = None, dynamic: Optional[bool] = None, field: str = "train.compile",
+                   backend: str = "inductor") -> int:
     "Compile every `transformer_blocks` entry in place (regional compilation); returns how many."
     blocks = getattr(transformer, "transformer_blocks", None)
     if blocks is None: raise OpdError(field, type(transformer).__name__, msg=f"{field}: {type(transformer).__name__} has no transformer_blocks to compile; allowed: SD3 transformers")
     _raise_recompile_limit()
-    for b in blocks: b.compile(mode=mode, dynamic=dynamic)
+    for b in blocks: b.compile(mode=mode, dynamic=dynamic, backend=backend)
     return len(blocks)
 
 def _raise_recompile_limit(n: int = 64):
@@ -758,10 +768,16 @@ def _raise_recompile_limit(n: int = 64):
 
 COMPILE_TARGETS = {"none": (), "teacher": ("teacher",), "student": ("student",), "both": ("teacher", "student")}
 
-def compile_pair(pair, which: str = "both", mode: Optional[str] = None) -> dict:
+def compile_pair(pair, which: str = "both", mode: Optional[str] = None, backend: str = "inductor") -> dict:
     "Regionally compile the teacher's and/or student's blocks (`which`: none, teacher, student, both); blocks compiled per model."
     if which not in COMPILE_TARGETS: raise OpdError("train.compile", which, ", ".join(COMPILE_TARGETS))
-    return {name: compile_blocks(getattr(pair, name).transformer, mode=mode) for name in COMPILE_TARGETS[which]}
+    if which == "none": return {}
+    why = compile_unavailable(pair.student.device) if backend == "inductor" else None
+    if why: raise OpdError("train.compile", which, msg=f"train.compile={which!r} cannot run here: {why}; allowed: none")
+    for name in COMPILE_TARGETS[which]:
+        if getattr(getattr(pair, name), "transformer", None) is None:
+            raise OpdError("train.compile", which, msg=f"train.compile={which!r}: the {name} ({getattr(pair, name).name}) has no transformer blocks; allowed: {'student' if name == 'teacher' else 'teacher'} or none")
+    return {name: compile_blocks(getattr(pair, name).transformer, mode=mode, backend=backend) for name in COMPILE_TARGETS[which]}
 
 # %% ../nbs/02_models.ipynb #4d026599
 def to_uint8(images: Tensor) -> Tensor:
@@ -772,7 +788,7 @@ def save_png(image: Tensor, path, compress_level: int = 6) -> Path:
     "Write one (H, W, 3) uint8 image to `path` atomically; returns the path."
     from PIL import Image
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
     Image.fromarray(image.numpy()).save(tmp, compress_level=compress_level); os.replace(tmp, path)
     return path
 

@@ -384,6 +384,7 @@ def distill(cfg: Config, out=None, resume: str = "auto", progress: bool = True, 
         if problem: raise OpdError("--resume", str(resume), msg=f"--resume={str(resume)!r} is unusable: {problem}")
     run_dir = prepare_run_dir(cfg, out)
     tr = DistillTrainer(cfg, run_dir, pair=pair, progress=progress)
+    del pair                                             # if the trainer built its own (another device), ours is freed now
     if resume: tr.resume(resume)
     try: summary = tr.train()
     except TrainingStopped as e: raise OpdError("train", msg=f"training stopped: {e}") from None
