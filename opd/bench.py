@@ -15,14 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import (Config, OpdError, cli_main, config_from_args, config_parser, load_config, prepare_run_dir,
-                        print_config, repro_keys)
+                        print_config, repro_keys, write_atomic)
 from .models import compile_blocks, compile_unavailable
+from .train import peak_mem_mb
 
 # %% auto #0
-__all__ = ['TARGETS', 'sync', 'timed', 'median', 'reset_peak', 'memory_mb', 'device_info', 'trained_states', 'train_step_timed',
-           'pure_model_calls', 'pure_times', 'overhead', 'measure_iterations', 'grading_speedup', 'teacher_throughput',
-           'grading_ceiling', 'compile_bench', 'run_bench', 'targets_met', 'bench_table', 'plot_phases',
-           'plot_throughput', 'main']
+__all__ = ['TARGETS', 'GPU_BENCH_OVERRIDES', 'sync', 'timed', 'median', 'reset_peak', 'memory_mb', 'device_info',
+           'trained_states', 'train_step_timed', 'pure_model_calls', 'pure_times', 'overhead', 'measure_iterations',
+           'grading_speedup', 'teacher_throughput', 'grading_ceiling', 'compile_bench', 'run_bench', 'targets_met',
+           'bench_table', 'plot_phases', 'plot_throughput', 'main']
 
 # %% ../nbs/11_bench.ipynb #2167f564
 def sync(device=None):
@@ -57,16 +58,6 @@ def _proc_status_mb(key: str) -> float:
 
 def _rss_mb() -> float: return _proc_status_mb("VmRSS")
 
-def _peak_rss_mb() -> float:
-    "Peak resident set size of this process (the kernel's high-water mark), never below the current RSS."
-    peak = _proc_status_mb("VmHWM")
-    if peak != peak:
-        try:
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        except Exception: pass
-    return max(peak, _rss_mb()) if peak == peak else _rss_mb()
-
 def reset_peak(device):
     if torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device)
 
@@ -76,7 +67,8 @@ def memory_mb(device) -> dict:
     if dev.type == "cuda":
         return dict(kind="cuda_allocated", now_mb=torch.cuda.memory_allocated(dev) / 2**20, peak_mb=torch.cuda.max_memory_allocated(dev) / 2**20,
                     peak_reserved_mb=torch.cuda.max_memory_reserved(dev) / 2**20)
-    return dict(kind="rss", now_mb=_rss_mb(), peak_mb=_peak_rss_mb())
+    now = _rss_mb()
+    return dict(kind="rss", now_mb=now, peak_mb=max(peak_mem_mb(dev), now))   # the trainer's own peak reading
 
 def _cpu_name() -> str:
     try:
@@ -338,9 +330,7 @@ def _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targ
     bad = [t for t in compile_targets if t not in ("teacher", "student")]
     if bad: raise OpdError("--compile-targets", ",".join(bad), "teacher, student")
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str)); os.replace(tmp, path)
+def _write_json(path: Path, obj): write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 def run_bench(cfg: Config, out=None, iters: int = 5, warmup: int = 2, grading_batches: Sequence[int] = (1, 4), grading_reps: int = 3,
               compile: bool = False, compile_targets: Sequence[str] = ("teacher", "student"), compile_mode: Optional[str] = None,
@@ -502,6 +492,12 @@ def plot_throughput(res: dict, ax=None):
     ax.set_xlabel("images per teacher forward (dotted: step-by-step at each bench batch)"); ax.set_ylabel("ms per image")
     ax.set_title(f"{res['device']['name'][:40]}: teacher throughput", fontsize=9); ax.legend(fontsize=8)
     return ax
+
+# %% ../nbs/11_bench.ipynb #54f4d779
+# the eager baseline of the tables below at the real shapes; add "train.compile=both" for the compiled rows
+GPU_BENCH_OVERRIDES = ["model.teacher=random:sd35-large", "model.student=random:sd35-medium", "model.resolution=512", "model.dtype=bfloat16",
+                       "train.mixed_precision=bf16", "model.gradient_checkpointing=true", "train.batch_size=2", "train.grad_accum=1",
+                       "distill.num_steps=8", "train.timesteps_per_sample=4", "prompts.n_prompts=16", "train.compile=none"]
 
 # %% ../nbs/11_bench.ipynb #77f30311
 def _ints(s: str, flag: str) -> tuple[int, ...]:

@@ -6,21 +6,21 @@ Docs: https://opd-dev.github.io/opd/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #5d1b0612
 from __future__ import annotations
-import argparse, datetime as _dt, hashlib, json, os, platform, subprocess, sys
+import argparse, datetime as _dt, hashlib, json, os, platform, subprocess, sys, tempfile
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['STAGES', 'SPEED_ONLY', 'OpdError', 'ModelConfig', 'PromptsConfig', 'TrainConfig', 'DistillConfig', 'EvalConfig',
-           'QualtricsConfig', 'Config', 'stage_dict', 'parse_override', 'as_overrides', 'load_config',
-           'config_overrides', 'config_hash', 'run_id', 'git_commit', 'package_versions', 'repro_keys', 'project_root',
-           'runs_dir', 'run_dir_for', 'prepare_run_dir', 'config_parser', 'config_from_args', 'print_config',
-           'cli_main']
+__all__ = ['DISTILL_MODES', 'STAGES', 'SPEED_ONLY', 'OpdError', 'ModelConfig', 'PromptsConfig', 'TrainConfig', 'DistillConfig',
+           'EvalConfig', 'QualtricsConfig', 'Config', 'stage_dict', 'parse_override', 'config_with', 'as_overrides',
+           'load_config', 'config_overrides', 'config_hash', 'run_id', 'git_commit', 'package_versions', 'repro_keys',
+           'project_root', 'runs_dir', 'run_dir_for', 'write_atomic', 'prepare_run_dir', 'config_parser',
+           'config_from_args', 'print_config', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #1eca4b94
 class OpdError(Exception):
@@ -113,6 +113,8 @@ class DistillConfig(_Group):
         if self.skip_last_steps >= self.num_steps:
             raise ValueError(f"distill.skip_last_steps={self.skip_last_steps!r} is not allowed; allowed: 0 .. num_steps-1 = {self.num_steps-1}")
         return self
+
+DISTILL_MODES = get_args(DistillConfig.model_fields["mode"].annotation)   # on_policy, teacher, forward, mixed: the ablation's arms
 
 # %% ../nbs/00_config.ipynb #f47a31f7
 class EvalConfig(_Group):
@@ -224,6 +226,12 @@ def _set_path(d: dict, path: list[str], val) -> dict:
     cur[path[-1]] = val
     return d
 
+def config_with(cfg: Config, **updates) -> Config:
+    "A validated copy of `cfg` with dotted keys set, e.g. `config_with(cfg, **{'distill.mode': 'teacher'})`."
+    d = cfg.model_dump()
+    for k, v in updates.items(): d = _set_path(d, k.split("."), v)
+    return Config.model_validate(d)
+
 # %% ../nbs/00_config.ipynb #bc5392db
 def as_overrides(x) -> list[str]:
     "A list of `key=value` strings from a list, a YAML/JSON list in a string, or one `key=value` string."
@@ -309,9 +317,14 @@ def run_dir_for(cfg: Config, out: str | os.PathLike | None = None) -> Path:
     "Where the run of `cfg` lives: `out`, else `outputs/runs/<run_id>`; creates nothing."
     return Path(out) if out is not None else runs_dir() / run_id(cfg)
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text); os.replace(tmp, path)
+def write_atomic(path: Path, text: str):
+    "Write `text` to `path` through a temporary file renamed into place: a kill never leaves a torn file."
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True); raise
 
 def prepare_run_dir(cfg: Config, out: str | os.PathLike | None = None) -> Path:
     "Create (or reopen) the run directory and write `config.yaml` and `run.json` into it."
@@ -324,9 +337,9 @@ def prepare_run_dir(cfg: Config, out: str | os.PathLike | None = None) -> Path:
             raise OpdError("--out", str(d), msg=f"--out={str(d)!r} holds a run with another config (hash {str(prev)[:8]}); allowed: a new or empty directory, or the same config")
         return d
     d.mkdir(parents=True, exist_ok=True)
-    _write_atomic(d / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_atomic(d / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     keys = repro_keys(cfg) | {"created": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
-    _write_atomic(d / "run.json", json.dumps(keys, indent=2))
+    write_atomic(d / "run.json", json.dumps(keys, indent=2))
     return d
 
 # %% ../nbs/00_config.ipynb #4c5f2d4c

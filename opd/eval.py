@@ -24,17 +24,16 @@ from .config import (Config, EvalConfig, OpdError, cli_main, config_hash, config
                         repro_keys, run_id)
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed
 from .models import save_png, to_uint8
-from .losses import final_latent_mse, gaussian_kl
+from .losses import final_latent_mse, per_step_kl
 
 # %% auto #0
 __all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'METRICS', 'ARMS', 'SUMMARY_COLUMNS', 'CATEGORY_MD_METRICS',
            'SAMPLE_COLUMNS', 'image_mse', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance', 'CI',
            'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer', 'load_clip', 'EvalItem',
            'pick_prompts', 'eval_items', 'Checkpoint', 'resolve_ckpt', 'load_student_weights', 'ArmOutputs',
-           'per_step_kl', 'image_name', 'image_relpath', 'run_arm', 'per_sample_table', 'summarize',
-           'kl_per_step_table', 'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars', 'markdown_table',
-           'headline', 'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main', 'eval_forwards',
-           'eval_cost']
+           'image_name', 'image_relpath', 'run_arm', 'per_sample_table', 'summarize', 'kl_per_step_table',
+           'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars', 'markdown_table', 'headline',
+           'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main', 'eval_forwards', 'eval_cost']
 
 # %% ../nbs/06_eval.ipynb #1896ca01
 def image_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -315,10 +314,6 @@ class ArmOutputs:
     clip_sde: Optional[Tensor] = None    # (N, D)
     kl: Optional[Tensor] = None          # (N, K) per-step KL (nats) along the student's own SDE rollouts
     seconds: float = 0.0
-
-def per_step_kl(tb: TrajectoryBatch) -> Tensor:
-    "(B, K) KL of each student transition to the teacher's from the same state (nats)."
-    return torch.stack([gaussian_kl(tb.student_mean[:, k], tb.teacher_mean[:, k], tb.std[k]) for k in range(tb.K)], 1).cpu()
 
 def image_name(item: EvalItem, arm: str, sde: bool = False) -> str:
     "Where an item's PNG lives, relative to the eval directory."

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import Config, OpdError, load_config
+from .config import DISTILL_MODES, Config, OpdError, config_with, load_config
 from .prompts import CATEGORIES, _VOCAB
 from .rollout import PromptBatch, RolloutEngine, derive_seed, draw, flow_sigmas, sample_generators, sde_step
 from .losses import gaussian_kl, final_latent_mse
@@ -462,17 +462,7 @@ def reference_metrics(pair, ev: ExactEvalSet, n_boot: int = 1000, min_expected: 
             "data": sample_metrics(pair.teacher, x_data, P, n_boot, min_expected)}, x_data
 
 # %% ../nbs/09_exact_teacher.ipynb #52d7a32c
-ABLATION_MODES = ("on_policy", "teacher", "forward", "mixed")
-
-def _with(cfg: Config, **updates) -> Config:
-    "A validated copy of `cfg` with dotted-key updates, e.g. `_with(cfg, **{'distill.mode': 'teacher'})`."
-    d = cfg.model_dump()
-    for k, v in updates.items():
-        cur = d
-        *path, last = k.split(".")
-        for p in path: cur = cur[p]
-        cur[last] = v
-    return Config.model_validate(d)
+ABLATION_MODES = DISTILL_MODES
 
 def run_exact_ablation(cfg: Config, modes: Sequence[str] = ABLATION_MODES, seeds: Sequence[int] = (0,), steps: int = 60,
                        eval_every: int = 20, eval_prompts: int = 4, seeds_per_prompt: int = 32, workdir=None,
@@ -489,7 +479,7 @@ def run_exact_ablation(cfg: Config, modes: Sequence[str] = ABLATION_MODES, seeds
     for seed in seeds:
         ev = None
         for mode in modes:
-            c = _with(cfg, seed=int(seed), **{"distill.mode": mode, "train.max_steps": int(steps)})
+            c = config_with(cfg, seed=int(seed), **{"distill.mode": mode, "train.max_steps": int(steps)})
             pair = build_exact_pair(c, cache_dir=workdir / "text_cache")
             tr = DistillTrainer(c, workdir / f"{mode}-s{seed}", pair=pair, progress=False)
             if ev is None:   # one evaluation set per seed: the same prompts and noise for every mode

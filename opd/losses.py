@@ -17,8 +17,8 @@ from .config import DistillConfig, OpdError
 from .rollout import TrajectoryBatch, sde_step, sde_std
 
 # %% auto #0
-__all__ = ['gaussian_kl', 'kl_weight', 'kl_weight_closed_form', 'velocity_mse', 'eps_mse', 'final_latent_mse', 'loss_weights',
-           'LossBreakdown', 'RewardComputer']
+__all__ = ['gaussian_kl', 'per_step_kl', 'kl_weight', 'kl_weight_closed_form', 'velocity_mse', 'eps_mse', 'final_latent_mse',
+           'loss_weights', 'LossBreakdown', 'RewardComputer']
 
 # %% ../nbs/04_losses.ipynb #eca3e22b
 def gaussian_kl(mean_s: Tensor, mean_t: Tensor, std) -> Tensor:
@@ -28,6 +28,11 @@ def gaussian_kl(mean_s: Tensor, mean_t: Tensor, std) -> Tensor:
     if (std <= 0).any(): raise OpdError("distill.noise_level", 0, msg="the KL needs std > 0 (distill.noise_level > 0): a deterministic step has no density")
     d = (mean_s.float() - mean_t.float()) / std
     return 0.5 * d.pow(2).flatten(1).sum(1)
+
+# %% ../nbs/04_losses.ipynb #7d409003
+def per_step_kl(tb: TrajectoryBatch) -> Tensor:
+    "(B, K) KL of each student transition to the teacher's from the same state (nats)."
+    return torch.stack([gaussian_kl(tb.student_mean[:, k], tb.teacher_mean[:, k], tb.std[k]) for k in range(tb.K)], 1).cpu()
 
 # %% ../nbs/04_losses.ipynb #a1ca1310
 def kl_weight(sigma, sigma_next, noise_level: float) -> Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import (Config, OpdError, cli_main, config_from_args, config_parser, load_config, prepare_run_dir,
-                        print_config, repro_keys)
+                        config_with, print_config, repro_keys)
 
 # %% auto #0
 __all__ = ['GiB', 'ACT_BYTES', 'INF_BYTES', 'FRAGMENTATION', 'CONTEXT_GIB', 'SD35_TEXT_PARAMS', 'SD35_VAE_PARAMS', 'KNOWN_HUB',
@@ -305,14 +305,6 @@ def _fmt(x: float) -> str:
     "GiB ≥ 1 as GiB, else MiB."
     return f"{x:.2f} GiB" if x >= 0.995 else f"{x * 1024:.1f} MiB" if x * 1024 >= 0.05 else "0"
 
-def _with(cfg: Config, **sets) -> Config:
-    "A copy of cfg with dotted keys set (validated)."
-    d = cfg.model_dump()
-    for k, v in sets.items():
-        grp, key = k.split(".")
-        d[grp][key] = v
-    return Config.model_validate(d)
-
 def _knobs(cfg: Config) -> list[dict]:
     m, t, d = cfg.model, cfg.train, cfg.distill
     out = []
@@ -363,10 +355,10 @@ def plan_memory(cfg: Config, gpu_gb: float = 80.0, adamw: str = "fused", steady_
     if plan.fits: return plan
     cur = cfg; combo = {}
     for knob in _knobs(cfg):
-        p = estimate(case_from_config(_with(cfg, **knob), adamw, steady_state)).peak
+        p = estimate(case_from_config(config_with(cfg, **knob), adamw, steady_state)).peak
         plan.suggestions.append({"set": knob, "peak_gib": round(p, 2), "saves_gib": round(plan.peak - p, 2), "fits": needed_gib(p) <= gpu_gb})
     for knob in _knobs(cfg):
-        cur = _with(cur, **knob); combo |= knob
+        cur = config_with(cur, **knob); combo |= knob
         if needed_gib(estimate(case_from_config(cur, adamw, steady_state)).peak) <= gpu_gb:
             plan.combination = combo; break
     return plan

@@ -12,11 +12,12 @@ from typing import Callable, Optional, Sequence
 
 import pandas as pd
 
-from .config import Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config, project_root, run_dir_for
+from .config import (DISTILL_MODES, Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config,
+                        project_root, run_dir_for, write_atomic)
 
 # %% auto #0
-__all__ = ['STEPS', 'NOTEBOOK_JOBS', 'STEP_FILES', 'ABLATION_MODES', 'run_pipeline', 'headline', 'nbs_dir', 'run_notebook',
-           'run_ablation', 'plot_ablation', 'main']
+__all__ = ['STEPS', 'STEP_FILES', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'step_outputs', 'run_pipeline', 'headline',
+           'nbs_dir', 'job_cells', 'run_notebook', 'run_ablation', 'plot_ablation', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #144f9a33
 def _records(cfg, run_dir, ctx):
@@ -26,9 +27,7 @@ def _records(cfg, run_dir, ctx):
         ctx["records"] = prompts_for_run(cfg, run_dir)
     return ctx["records"]
 
-def _prompts(cfg, run_dir, ctx):
-    _records(cfg, run_dir, ctx)
-    return [run_dir / "prompts.jsonl", run_dir / "prompts_manifest.json"]
+def _prompts(cfg, run_dir, ctx): _records(cfg, run_dir, ctx)
 
 def _pair(cfg, run_dir, ctx):
     if "pair" not in ctx:
@@ -40,47 +39,59 @@ def _text_cache(cfg, run_dir, ctx):
     pair = _pair(cfg, run_dir, ctx)
     n = pair.precompute(sorted({r["prompt"] for r in _records(cfg, run_dir, ctx)}))
     ctx["log"](f"text cache: {n} prompts encoded, encoders freed")
-    return [run_dir / "text_cache"]
 
 def _teacher_dataset(cfg, run_dir, ctx):
     from opd.rollout import build_teacher_dataset
     recs = [r for r in _records(cfg, run_dir, ctx) if r.get("split") in ("val", "heldout")]
-    d = build_teacher_dataset(_pair(cfg, run_dir, ctx), cfg, run_dir, recs, "none", batch_size=max(8, cfg.train.batch_size))
-    return [d / "manifest.jsonl"]
+    build_teacher_dataset(_pair(cfg, run_dir, ctx), cfg, run_dir, recs, "none", batch_size=max(8, cfg.train.batch_size))
 
 def _distill(cfg, run_dir, ctx):
     from opd.train import distill
     # the pair the text cache and teacher dataset used (its student still untrained) is the one training needs: one load, not two
-    s = distill(cfg, run_dir, resume="auto", progress=ctx["progress"], pair=ctx.pop("pair", None))
-    ctx["train"] = s
-    return [run_dir / "metrics.csv", run_dir / "train_summary.json", run_dir / "student"]
+    ctx["train"] = distill(cfg, run_dir, resume="auto", progress=ctx["progress"], pair=ctx.pop("pair", None))
 
 def _eval(cfg, run_dir, ctx):
     from opd.eval import evaluate
-    r = evaluate(cfg, run_dir, progress=ctx["progress"])
-    ctx["log"](r["headline_text"])
-    return [r["eval_dir"] / "summary.csv", r["eval_dir"] / "summary.md", r["eval_dir"] / "samples.csv"]
+    ctx["log"](evaluate(cfg, run_dir, progress=ctx["progress"])["headline_text"])
 
 def _grids(cfg, run_dir, ctx):
     from opd.compare import make_grids
-    return make_grids(run_dir)
+    make_grids(run_dir)
 
 def _survey(cfg, run_dir, ctx):
     from opd.qualtrics import export_survey
-    ex = export_survey(run_dir, cfg.qualtrics, seed=cfg.seed, models=(cfg.model.teacher, cfg.model.student))
-    return ex.paths()
+    export_survey(run_dir, cfg.qualtrics, seed=cfg.seed, models=(cfg.model.teacher, cfg.model.student))
 
 STEPS: dict[str, Callable] = {"prompts": _prompts, "text_cache": _text_cache, "teacher_dataset": _teacher_dataset,
                               "distill": _distill, "eval": _eval, "grids": _grids, "survey": _survey}
+
+# what each step leaves in the run directory (globs): checked after the step, whichever way it ran, and recorded as its outputs
+STEP_FILES = {"prompts": ["prompts.jsonl", "prompts_manifest.json"], "text_cache": ["text_cache"],
+              "teacher_dataset": ["teacher_dataset/manifest.jsonl"], "distill": ["metrics.csv", "train_summary.json", "student"],
+              "eval": ["eval/summary.csv", "eval/summary.md", "eval/samples.csv"], "grids": ["eval/grid_*.png"],
+              "survey": ["survey/survey.csv", "survey/private/key.csv", "survey/private/manifest.json",
+                         "survey/public/qualtrics_survey.txt", "survey/public/images"]}
+
+# a step that only makes sense when a config switch is on; otherwise it is recorded as done, with nothing written
+STEP_NEEDS = {"text_cache": "model.text_cache"}
+
+def _needed(name: str, cfg: Config) -> bool:
+    group, key = STEP_NEEDS[name].split(".") if name in STEP_NEEDS else (None, None)
+    return group is None or bool(getattr(getattr(cfg, group), key))
+
+def step_outputs(name: str, run_dir: Path, ran: str = "") -> list[Path]:
+    "The files step `name` wrote (its `STEP_FILES`); a one-line error naming what is missing."
+    files = {pat: sorted(Path(run_dir).glob(pat)) for pat in STEP_FILES[name]}
+    missing = [pat for pat, found in files.items() if not found]
+    if missing: raise OpdError(name, msg=f"step {name!r} ran but wrote no {', '.join(missing)} in {run_dir}{ran}")
+    return [p for found in files.values() for p in found]
 
 # %% ../nbs/10_pipeline.ipynb #73c9d5e8
 def _read_state(run_dir: Path) -> dict:
     f = run_dir / "pipeline.json"
     return json.loads(f.read_text()) if f.is_file() else {"steps": {}}
 
-def _write_state(run_dir: Path, state: dict):
-    tmp = run_dir / "pipeline.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2)); os.replace(tmp, run_dir / "pipeline.json")
+def _write_state(run_dir: Path, state: dict): write_atomic(run_dir / "pipeline.json", json.dumps(state, indent=2))
 
 def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, force: Optional[str] = None,
                  progress: bool = True, log=print, notebooks: bool = False) -> dict:
@@ -97,13 +108,17 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
     for name in names:
         if state["steps"].get(name, {}).get("done"):
             log(f"[{name}] done already, skipped"); continue
+        if not _needed(name, cfg):
+            log(f"[{name}] not needed ({STEP_NEEDS[name]}=false)")
+            state["steps"][name] = dict(done=True, seconds=0.0, outputs=[]); _write_state(run_dir, state); continue
         log(f"[{name}] …")
         t0 = time.perf_counter()
-        as_notebook = notebooks and name in NOTEBOOK_JOBS and not (name == "text_cache" and not cfg.model.text_cache)  # no cache: nothing for 02 to write
-        if as_notebook:
+        if notebooks and name in NOTEBOOK_JOBS:
             ctx.pop("pair", None)                 # the notebook's kernel loads its own models: free ours first
             paths = run_notebook(name, cfg, run_dir, log)
-        else: paths = STEPS[name](cfg, run_dir, ctx)
+        else:
+            STEPS[name](cfg, run_dir, ctx)
+            paths = step_outputs(name, run_dir)
         state["steps"][name] = dict(done=True, seconds=round(time.perf_counter() - t0, 2), outputs=[str(p) for p in paths])
         _write_state(run_dir, state)
     state["run_dir"] = str(run_dir)
@@ -123,10 +138,6 @@ def headline(run_dir: Path) -> dict:
 NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "02_models", "teacher_dataset": "03_rollout", "distill": "05_train",
                  "eval": "06_eval", "grids": "07_compare", "survey": "08_qualtrics"}
 
-STEP_FILES = {"prompts": ["prompts.jsonl", "prompts_manifest.json"], "text_cache": ["text_cache"], "teacher_dataset": ["teacher_dataset/manifest.jsonl"],
-              "distill": ["metrics.csv", "train_summary.json", "student"], "eval": ["eval/summary.csv", "eval/summary.md", "eval/samples.csv"],
-              "grids": ["eval/grid_*.png"], "survey": ["survey/survey.csv", "survey/private/key.csv"]}
-
 def nbs_dir() -> Path:
     "The checkout's `nbs/`, where the notebook jobs live."
     import opd
@@ -140,13 +151,13 @@ def _check_notebooks(run_dir: Path):
     except ImportError: raise OpdError("--notebooks", True, msg="--notebooks needs papermill; allowed: pip install -e '.[dev]'") from None
     if Path(run_dir).resolve().is_relative_to(nbs_dir()): raise OpdError("--out", str(run_dir), "a run directory outside nbs/ (executed notebooks never land there)")
 
-def _skipped(cell) -> bool:
-    "A code cell `nbdev-test` skips: `#| slow`, `#| gpu`, `#| notest` (the tst_flags) or `#| eval: false`."
-    if cell.cell_type != "code": return False
-    for line in cell.source.splitlines():
-        if not line.startswith("#|"): break
-        if line[2:].replace(" ", "") in ("slow", "gpu", "notest", "eval:false"): return True
-    return False
+def job_cells(path: Path) -> list:
+    "The notebook's cells a job runs: markdown, and the code cells `nbdev-test` runs (nbdev decides, with our `tst_flags`)."
+    import nbformat
+    from nbdev.config import get_config
+    from nbdev.test import nb_test_cells
+    keep = {c.id for c in nb_test_cells(path, get_config().tst_flags.split())}
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type != "code" or c.id in keep]
 
 # %% ../nbs/10_pipeline.ipynb #01ab38c3
 def run_notebook(step: str, cfg: Config, run_dir, log=print) -> list[Path]:
@@ -158,7 +169,7 @@ def run_notebook(step: str, cfg: Config, run_dir, log=print) -> list[Path]:
     run_dir = Path(run_dir).resolve()                     # the kernel runs in nbs/: hand it absolute paths
     dest = run_dir / "notebooks" / src.name
     nb = nbformat.read(src, as_version=4)
-    nb.cells = [c for c in nb.cells if not _skipped(c)]
+    nb.cells = job_cells(src)
     dest.parent.mkdir(parents=True, exist_ok=True)
     gc.collect()
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available(): sys.modules["torch"].cuda.empty_cache()
@@ -168,13 +179,10 @@ def run_notebook(step: str, cfg: Config, run_dir, log=print) -> list[Path]:
     except pm.PapermillExecutionError as e:
         if e.ename == "OpdError": raise OpdError(src.name, msg=f"{e.evalue} (notebook job: {dest})") from None
         raise
-    files = {pat: sorted(run_dir.glob(pat)) for pat in STEP_FILES[step]}
-    missing = [pat for pat, found in files.items() if not found]
-    if missing: raise OpdError(src.name, msg=f"{src.name} ran but wrote no {', '.join(missing)} in {run_dir} (see {dest})")
-    return [dest, *(p for found in files.values() for p in found)]
+    return [dest, *step_outputs(step, run_dir, ran=f" (notebook job {src.name}: see {dest})")]
 
 # %% ../nbs/10_pipeline.ipynb #2c773227
-ABLATION_MODES = ("on_policy", "teacher", "forward", "mixed")
+ABLATION_MODES = DISTILL_MODES
 
 def run_ablation(cfg: Config, run_dir, modes: Sequence[str] = ABLATION_MODES, progress: bool = True, log=print) -> pd.DataFrame:
     "Train and evaluate one student per mode under `run_dir/ablation/<mode>/`; returns the table (also CSV, Markdown, PNG)."

@@ -10,7 +10,7 @@ import hashlib, itertools, json, os, random, re, sys, tempfile
 from pathlib import Path
 
 from .config import (Config, OpdError, cli_main, config_from_args, config_hash, config_parser, load_config,
-                        prepare_run_dir, print_config, run_id, runs_dir)
+                        prepare_run_dir, print_config, run_id, runs_dir, write_atomic)
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'CATEGORIES', 'STYLES', 'COMPOSITIONS', 'LIGHTING', 'PALETTES', 'SPLITS', 'PROMPT_FIELDS',
@@ -305,14 +305,6 @@ def prompts_manifest(records: list[dict], cfg: Config) -> dict:
             "prompts_sha256": hashlib.sha256(_jsonl(records).encode()).hexdigest()}
 
 # %% ../nbs/01_prompts.ipynb #d6104144
-def _write_atomic(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-
 def _check_existing(run_dir, records):
     "Refuse to replace a run's prompts.jsonl with different prompts."
     path = Path(run_dir) / PROMPTS_FILE
@@ -325,8 +317,8 @@ def write_prompts(records: list[dict], run_dir, cfg: Config) -> tuple[Path, Path
     _check_existing(run_dir, records)
     run_dir.mkdir(parents=True, exist_ok=True)
     path, mpath = run_dir / PROMPTS_FILE, run_dir / MANIFEST_FILE
-    if not path.exists(): _write_atomic(path, _jsonl(records))
-    if not mpath.exists(): _write_atomic(mpath, json.dumps(prompts_manifest(records, cfg), indent=2) + "\n")
+    if not path.exists(): write_atomic(path, _jsonl(records))
+    if not mpath.exists(): write_atomic(mpath, json.dumps(prompts_manifest(records, cfg), indent=2) + "\n")
     return path, mpath
 
 def prompts_for_run(cfg: Config, run_dir) -> list[dict]:

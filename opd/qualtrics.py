@@ -615,7 +615,8 @@ QUALTRICS_META = [  # (column, question-text row, ImportId row) of a Qualtrics C
     ("DistributionChannel", "Distribution Channel", '{"ImportId":"distributionChannel"}'),
     ("UserLanguage", "User Language", '{"ImportId":"userLanguage"}'),
 ]
-# Status values of responses that are not real participants (numeric and text exports)
+# Status values of responses that are not real participants (numeric and text exports): 1 survey
+# preview, 2 survey test, 8 spam, 9 preview spam, 12 imported spam, 17 offline survey preview
 NOT_PARTICIPANT_STATUS = {"1", "2", "8", "9", "12", "17", "Survey Preview", "Survey Test", "Spam", "Preview Spam",
                           "Imported Spam", "Offline Survey Preview"}
 

@@ -23,8 +23,8 @@ from .losses import RewardComputer, final_latent_mse
 
 # %% auto #0
 __all__ = ['OOM_HELP', 'TrainMetrics', 'PromptStream', 'write_manifest', 'verify_checkpoint', 'list_checkpoints',
-           'latest_valid_checkpoint', 'MetricsLog', 'lr_factor', 'TrainingStopped', 'DistillTrainer', 'heldout_records',
-           'heldout_batch', 'distill', 'main']
+           'latest_valid_checkpoint', 'MetricsLog', 'lr_factor', 'TrainingStopped', 'peak_mem_mb', 'DistillTrainer',
+           'heldout_records', 'heldout_batch', 'distill', 'main']
 
 # %% ../nbs/05_train.ipynb #8b6967f4
 @dataclass
@@ -153,7 +153,8 @@ def lr_factor(tc):
 
 class TrainingStopped(Exception): "Training cannot continue (too many non-finite steps, out of memory)."
 
-def _peak_mem_mb(device) -> float:
+def peak_mem_mb(device) -> float:
+    "Peak memory of this process so far (MB): the CUDA allocator's peak on a GPU, the peak resident set size on a CPU."
     if torch.device(device).type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         import resource
@@ -252,7 +253,7 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
                      w_kl=parts[0].weights["kl"], w_mse=parts[0].weights["mse"], source="+".join(sorted(sources)),
                      skipped=not finite, nonfinite_in_a_row=self.nonfinite, t_rollout=t["rollout"], t_grading=t["grading"],
                      t_backward=t["backward"], t_optimizer=t_opt,
-                     samples_per_s=n * acc.num_processes / max(1e-9, sum(t.values()) + t_opt), peak_mem_mb=_peak_mem_mb(dev))
+                     samples_per_s=n * acc.num_processes / max(1e-9, sum(t.values()) + t_opt), peak_mem_mb=peak_mem_mb(dev))
     if self.nonfinite >= tc.max_nonfinite:
         raise TrainingStopped(f"{self.nonfinite} non-finite losses in a row (train.max_nonfinite={tc.max_nonfinite}) at step {self.global_step}: "
                               "lower train.lr, raise train.max_grad_norm clipping, or set distill.kl_step_clip / distill.skip_last_steps; "

@@ -24,6 +24,13 @@ def perturb(fm: FlowModel, scale=0.02, seed=0):
         for p in fm.trainable_parameters(): p.add_(scale * torch.randn(p.shape, generator=g).to(p))
 
 
+def reload_velocities(path, pair, e):
+    "Load the saved student back through diffusers; its velocity next to the live student's, on the same latents."
+    pipe = load_student_pipeline(path)
+    x = xs(pair)
+    with torch.inference_mode(): return pipe, FlowModel(pipe.transformer).velocity(x, 0.5, e), pair.student.velocity(x, 0.5, e)
+
+
 PROMPTS = ["a sleek red sports car, studio shot", "a cozy coffee mug on a wooden table"]
 
 
@@ -108,10 +115,8 @@ def test_full_student_round_trip(tmp_path):
     perturb(pair.student)
     e = pair.encode(PROMPTS)
     pair.save_student(tmp_path)
-    pipe = load_student_pipeline(tmp_path)
-    x = xs(pair)
-    with torch.inference_mode():
-        assert torch.equal(FlowModel(pipe.transformer).velocity(x, 0.5, e), pair.student.velocity(x, 0.5, e))
+    pipe, saved, live = reload_velocities(tmp_path, pair, e)
+    assert torch.equal(saved, live)
     img = pipe(PROMPTS[1], num_inference_steps=2, height=32, width=32, max_sequence_length=8, output_type="np").images
     assert img.shape == (1, 32, 32, 3)
 
@@ -125,11 +130,9 @@ def test_pruned_student_runs_and_round_trips(tmp_path):
     assert not torch.equal(s.transformer_blocks[0].attn.to_q.weight, t.transformer_blocks[0].attn.to_q.weight)  # a copy
     e = pair.encode(PROMPTS)
     pair.save_student(tmp_path)
-    pipe = load_student_pipeline(tmp_path)
+    pipe, saved, live = reload_velocities(tmp_path, pair, e)
     assert pipe.transformer.config.num_layers == 2
-    x = xs(pair)
-    with torch.inference_mode():
-        assert torch.equal(FlowModel(pipe.transformer).velocity(x, 0.5, e), pair.student.velocity(x, 0.5, e))
+    assert torch.equal(saved, live)
 
 
 def test_prune_errors():
@@ -163,10 +166,8 @@ def test_lora_round_trip_random_base(tmp_path):
     pair.save_student(tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "model_index.json").is_file()
     assert json.loads((tmp_path / "opd_student.json").read_text())["kind"] == "lora"
-    pipe = load_student_pipeline(tmp_path)
-    x = xs(pair)
-    with torch.inference_mode():
-        torch.testing.assert_close(FlowModel(pipe.transformer).velocity(x, 0.5, e), pair.student.velocity(x, 0.5, e), rtol=1e-5, atol=1e-6)
+    _, saved, live = reload_velocities(tmp_path, pair, e)
+    torch.testing.assert_close(saved, live, rtol=1e-5, atol=1e-6)
 
 
 def test_local_teacher_pruned_lora_student(teacher_dir, tmp_path):
@@ -182,10 +183,8 @@ def test_local_teacher_pruned_lora_student(teacher_dir, tmp_path):
     pair.save_student(out)
     assert (out / "transformer" / "config.json").is_file() and not (out / "model_index.json").exists()
     assert json.loads((out / "opd_student.json").read_text())["base_pipeline"] == str(teacher_dir)
-    pipe = load_student_pipeline(out)
-    x = xs(pair)
-    with torch.inference_mode():
-        torch.testing.assert_close(FlowModel(pipe.transformer).velocity(x, 0.5, e), pair.student.velocity(x, 0.5, e), rtol=1e-5, atol=1e-6)
+    _, saved, live = reload_velocities(out, pair, e)
+    torch.testing.assert_close(saved, live, rtol=1e-5, atol=1e-6)
 
 
 def test_local_student_folder(teacher_dir, tmp_path):
