@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 from .config import (Config, OpdError, cli_main, config_from_args, config_parser, load_config, prepare_run_dir,
                         print_config, repro_keys, write_atomic)
 from .models import compile_blocks, compile_unavailable
+from .rollout import trained_states
 from .train import peak_mem_mb
 
 # %% auto #0
-__all__ = ['TARGETS', 'GPU_BENCH_OVERRIDES', 'sync', 'timed', 'median', 'reset_peak', 'memory_mb', 'device_info',
-           'trained_states', 'train_step_timed', 'pure_model_calls', 'pure_times', 'overhead', 'measure_iterations',
+__all__ = ['PHASES', 'TARGETS', 'GPU_BENCH_OVERRIDES', 'sync', 'timed', 'median', 'reset_peak', 'memory_mb', 'device_info',
+           'train_step_timed', 'pure_model_calls', 'pure_times', 'overhead', 'necessary', 'measure_iterations',
            'grading_speedup', 'teacher_throughput', 'grading_ceiling', 'compile_bench', 'run_bench', 'targets_met',
            'bench_table', 'plot_phases', 'plot_throughput', 'main']
 
@@ -96,12 +97,6 @@ def _micro_batches(trainer, i: int) -> list:
     ga = trainer.cfg.train.grad_accum
     return [trainer.stream.batch(i * ga + j) for j in range(ga)]
 
-def trained_states(cfg: Config) -> int:
-    "States per sample that get a student forward+backward: `timesteps_per_sample`, or all K minus the skipped last steps."
-    k_eff = cfg.distill.num_steps - cfg.distill.skip_last_steps
-    n = cfg.train.timesteps_per_sample
-    return n if n and n < k_eff else k_eff
-
 def train_step_timed(trainer, i: int) -> dict:
     "One `trainer.step` on micro-batches `i`: its wall time and the trainer's own per-phase times."
     mbs = _micro_batches(trainer, i)
@@ -111,11 +106,12 @@ def train_step_timed(trainer, i: int) -> dict:
     sync(dev); wall = time.perf_counter() - t0
     trainer.nonfinite = 0          # a benchmark counts skipped steps instead of stopping on them
     phases = dict(rollout=m.t_rollout, grading=m.t_grading, backward=m.t_backward, optimizer=m.t_optimizer)
-    return dict(wall=wall, **phases, other=wall - sum(phases.values()), skipped=m.skipped, loss=m.total_loss)
+    return dict(wall=wall, **phases, other=wall - sum(phases.values()), skipped=m.skipped, loss=m.total_loss,
+                teacher_states=m.teacher_states, student_train_states=m.student_train_states)
 
 # %% ../nbs/11_bench.ipynb #3838b677
 def pure_model_calls(trainer) -> dict[str, Callable]:
-    "Zero-argument callables for the isolated model calls of one micro-batch: rollout, grading, backward, optimizer."
+    "Zero-argument callables for the isolated model calls of one micro-batch: rollout, grading (trained states), grading_all, backward, optimizer."
     pair, eng, acc, cfg = trainer.pair, trainer.engine, trainer.accel, trainer.cfg
     dc = cfg.distill
     dev, K = eng.device, eng.K
@@ -136,27 +132,28 @@ def pure_model_calls(trainer) -> dict[str, Callable]:
     emb_s = emb.repeat_interleave(n)
     neg_s = trainer.reward.neg
 
+    def grade(x, s, e):
+        with acc.autocast(), torch.inference_mode():
+            for i in range(0, len(x), chunk): eng._v(pair.teacher, x[i:i + chunk], s[i:i + chunk], e[i:i + chunk], dc.teacher_guidance)
+
     def rollout():
         with acc.autocast(), torch.no_grad():
             for k in range(K): eng._v(pair.student, x, sig[k].item(), emb, dc.student_guidance)
-    def grading():
-        with acc.autocast(), torch.inference_mode():
-            for i in range(0, B * K, chunk):
-                eng._v(pair.teacher, flat[i:i + chunk], sig_flat[i:i + chunk], emb_flat[i:i + chunk], dc.teacher_guidance)
+    def grading(): grade(xs, sig_s, emb_s)                 # the states the loss reads: B·n
+    def grading_all(): grade(flat, sig_flat, emb_flat)      # every visited state: B·K
     def backward():
         with acc.autocast():
             v = pair.student.velocity(xs, sig_s, emb_s, neg_s if dc.student_guidance != 1 else None, dc.student_guidance)
             v.float().square().mean().backward()
     opt = getattr(trainer.opt, "optimizer", trainer.opt)       # the bare torch optimizer under accelerate's wrapper
     def optimizer(): opt.step()
-    return dict(rollout=rollout, grading=grading, backward=backward, optimizer=optimizer)
+    return dict(rollout=rollout, grading=grading, grading_all=grading_all, backward=backward, optimizer=optimizer)
 
-def pure_times(calls: dict, device) -> dict:
-    "One timed pass over the isolated calls (the backward leaves the gradients the optimizer step uses; they are freed after)."
-    out = {}
-    for name in ("rollout", "grading", "backward", "optimizer"):
-        out[name] = timed(calls[name], reps=1, warmup=0, device=device)[0]
-    return out
+PHASES = ("rollout", "grading", "backward", "optimizer")
+
+def pure_times(calls: dict, device, names: Sequence[str] = PHASES) -> dict:
+    "One timed pass over the isolated calls `names` (the backward leaves the gradients the optimizer step uses; they are freed after)."
+    return {name: timed(calls[name], reps=1, warmup=0, device=device)[0] for name in names}
 
 # %% ../nbs/11_bench.ipynb #06236584
 def overhead(iteration: dict, pure: dict, grad_accum: int = 1) -> dict:
@@ -166,24 +163,33 @@ def overhead(iteration: dict, pure: dict, grad_accum: int = 1) -> dict:
     total_pure = grad_accum * (pure["rollout"] + pure["grading"] + pure["backward"]) + pure["optimizer"]
     return dict(ratio=iteration["wall"] / total_pure if total_pure > 0 else float("nan"), pure_total=total_pure, per_phase=per)
 
-def measure_iterations(trainer, iters: int = 5, warmup: int = 2, progress: bool = True) -> dict:
-    "Interleaved: `warmup` + `iters` × (one training iteration, one pass of the isolated calls); medians, peaks."
+def necessary(pure: dict, grad_accum: int = 1) -> float:
+    "Seconds of the work an on-policy iteration cannot do without: K student forwards, the teacher at the trained states only, their forward + backward, AdamW."
+    return grad_accum * (pure["rollout"] + pure["grading"] + pure["backward"]) + pure["optimizer"]
+
+def measure_iterations(trainer, iters: int = 5, warmup: int = 2, progress: bool = True, full_grading: bool = False) -> dict:
+    "Interleaved: `warmup` + `iters` × (one training iteration, one pass of the isolated calls); medians, peaks. `full_grading`: the teacher grades every visited state."
     dev = trainer.accel.device
     calls = pure_model_calls(trainer)
+    names = PHASES + (("grading_all",) if full_grading else ())
     zero = lambda: trainer.opt.zero_grad(set_to_none=True)
     steps, pures, peak_train, peak_pure = [], [], 0.0, 0.0
-    for i in tqdm(range(warmup + iters), desc="bench iterations", disable=not progress, leave=False):
-        if i == warmup: reset_peak(dev)
-        s = train_step_timed(trainer, i)
-        if i >= warmup: peak_train = max(peak_train, memory_mb(dev)["peak_mb"]); reset_peak(dev)
-        p = pure_times(calls, dev); zero()
-        if i >= warmup: peak_pure = max(peak_pure, memory_mb(dev)["peak_mb"]); reset_peak(dev)
-        if i >= warmup: steps.append(s); pures.append(p)
-    keys = ("wall", "rollout", "grading", "backward", "optimizer", "other")
+    before, trainer.full_grading_every = trainer.full_grading_every, (1 if full_grading else 0)
+    try:
+        for i in tqdm(range(warmup + iters), desc="bench iterations" + (" (grading every state)" if full_grading else ""), disable=not progress, leave=False):
+            if i == warmup: reset_peak(dev)
+            s = train_step_timed(trainer, i)
+            if i >= warmup: peak_train = max(peak_train, memory_mb(dev)["peak_mb"]); reset_peak(dev)
+            p = pure_times(calls, dev, names); zero()
+            if i >= warmup: peak_pure = max(peak_pure, memory_mb(dev)["peak_mb"]); reset_peak(dev)
+            if i >= warmup: steps.append(s); pures.append(p)
+    finally: trainer.full_grading_every = before
+    keys = ("wall", "rollout", "grading", "backward", "optimizer", "other", "teacher_states", "student_train_states")
     it = {k: median([s[k] for s in steps]) for k in keys}
-    pure = {k: median([p[k] for p in pures]) for k in ("rollout", "grading", "backward", "optimizer")}
-    return dict(iteration=it, pure=pure, steps=steps, pures=pures, skipped=sum(s["skipped"] for s in steps),
-                peak_train_mb=peak_train, peak_pure_mb=peak_pure)
+    pure = {k: median([p[k] for p in pures]) for k in names}
+    as_run = pure | ({"grading": pure["grading_all"]} if full_grading else {})     # the isolated calls of the work this iteration did
+    return dict(iteration=it, pure=as_run, necessary_s=necessary(pure, trainer.cfg.train.grad_accum), steps=steps, pures=pures,
+                skipped=sum(s["skipped"] for s in steps), peak_train_mb=peak_train, peak_pure_mb=peak_pure)
 
 # %% ../nbs/11_bench.ipynb #1620fd17
 def _prompt_batch(trainer, b: int):
@@ -297,7 +303,8 @@ def compile_bench(trainer, targets: Sequence[str] = ("teacher", "student"), reps
     return out
 
 # %% ../nbs/11_bench.ipynb #88f722be
-TARGETS = dict(cpu=dict(overhead_ratio_max=1.25), cuda=dict(overhead_ratio_max=1.10, grading_speedup_min=2.0, grading_speedup_at="512 px, batch 1"))
+TARGETS = dict(cpu=dict(overhead_ratio_max=1.25), cuda=dict(overhead_ratio_max=1.10, necessary_ratio_max=1.10, grading_speedup_min=2.0,
+                                                          grading_speedup_at="512 px, batch 1"))
 
 def _choose_threads(threads, device) -> tuple[int, str]:
     if torch.device(device).type != "cpu": return torch.get_num_threads(), "GPU run"
@@ -334,7 +341,8 @@ def _write_json(path: Path, obj): write_atomic(path, json.dumps(obj, indent=2, d
 
 def run_bench(cfg: Config, out=None, iters: int = 5, warmup: int = 2, grading_batches: Sequence[int] = (1, 4), grading_reps: int = 3,
               compile: bool = False, compile_targets: Sequence[str] = ("teacher", "student"), compile_mode: Optional[str] = None,
-              threads="auto", keep_text_cache: bool = False, progress: bool = True, throughput_max_images: Optional[int] = None) -> dict:
+              threads="auto", keep_text_cache: bool = False, progress: bool = True, throughput_max_images: Optional[int] = None,
+              compare_full_grading: bool = True) -> dict:
     "Benchmark one configuration's training iteration; writes and returns `bench.json`'s content."
     _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targets)
     from opd.models import resolve_device
@@ -368,7 +376,22 @@ def run_bench(cfg: Config, out=None, iters: int = 5, warmup: int = 2, grading_ba
         res["overhead"] = ov["per_phase"]
         res["memory"] |= dict(kind=memory_mb(dev)["kind"], peak_train_mb=m["peak_train_mb"], peak_pure_mb=m["peak_pure_mb"])
         res["peak_mem_mb"] = m["peak_train_mb"]
+        res["iteration"] |= dict(teacher_states=it["teacher_states"], student_train_states=it["student_train_states"])
+        on_policy = cfg.distill.mode == "on_policy"
+        res["necessary_s"] = m["necessary_s"]
+        res["necessary_ratio"] = it["wall"] / m["necessary_s"] if on_policy else None
+        res["seconds_per_sample"] = it["wall"] / samples
         _write_json(path, res)
+        if compare_full_grading and on_policy:
+            f = measure_iterations(trainer, iters, min(warmup, 1), progress, full_grading=True)
+            fi = f["iteration"]
+            fge = cfg.train.full_grading_every
+            res["full_grading"] = dict(wall_s=fi["wall"], t_grading=fi["grading"], teacher_states=fi["teacher_states"],
+                                       seconds_per_sample=fi["wall"] / samples, overhead_ratio=overhead(fi, f["pure"], ga)["ratio"],
+                                       necessary_s=f["necessary_s"], necessary_ratio=fi["wall"] / f["necessary_s"],
+                                       selective_speedup=fi["wall"] / it["wall"],
+                                       configured_wall_s=it["wall"] + ((fi["wall"] - it["wall"]) / fge if fge else 0.0))
+            _write_json(path, res)
         res["grading"] = {}
         for b in tqdm(grading_batches, desc="grading bench", disable=not progress, leave=False):
             reset_peak(dev)
@@ -405,6 +428,7 @@ def targets_met(res: dict) -> dict:
     t = res.get("targets", {})
     out = {}
     if "overhead_ratio_max" in t: out["overhead_ratio"] = bool(res.get("overhead_ratio", math.inf) <= t["overhead_ratio_max"])
+    if "necessary_ratio_max" in t and res.get("necessary_ratio") is not None: out["necessary_ratio"] = bool(res["necessary_ratio"] <= t["necessary_ratio_max"])
     if "grading_speedup_min" in t:
         g = res.get("grading", {}).get("b1", {})
         out["grading_speedup_b1"] = bool(g["speedup"] >= t["grading_speedup_min"]) if "speedup" in g else None
@@ -439,6 +463,15 @@ def bench_table(res: dict) -> str:
         out += [_fmt_table(rows, ["phase", "iteration ms", "isolated model ms", "ratio"]), "",
                 f"{it['samples_per_s']:.2f} samples/s; peak memory {res['memory']['peak_train_mb']:.0f} MB ({res['memory']['kind']}); "
                 f"{it['skipped']} skipped steps", ""]
+    if res.get("necessary_ratio") is not None:
+        rows = [["teacher grades the trained states only", _ms(res["iteration"]["wall_s"]), f"{res['iteration'].get('teacher_states', '')}",
+                 f"{res['seconds_per_sample']:.3g}", f"{res['overhead_ratio']:.2f}", f"**{res['necessary_ratio']:.2f}**"]]
+        f = res.get("full_grading")
+        if f: rows.append(["teacher grades every visited state", _ms(f["wall_s"]), f"{f['teacher_states']}", f"{f['seconds_per_sample']:.3g}",
+                           f"{f['overhead_ratio']:.2f}", f"{f['necessary_ratio']:.2f}"])
+        out += [_fmt_table(rows, ["iteration", "wall ms", "teacher states", "s / sample", "ratio (same work)", "ratio (necessary work)"]), "",
+                f"necessary work: {_ms(res['necessary_s'])} ms"
+                + (f"; selective grading is {f['selective_speedup']:.2f}× faster per iteration" if f else ""), ""]
     if res.get("grading"):
         ceil = res.get("grading_ceiling", {})
         x = lambda k, f: f"{ceil[k][f]:.2f}×" if f in ceil.get(k, {}) else "—"

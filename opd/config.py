@@ -85,6 +85,7 @@ class TrainConfig(_Group):
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="held-out final-latent MSE every N steps (0 = only before/after)")
     tensorboard: bool = False
+    full_grading_every: int = Field(0, ge=0, description="grade every visited state (not only the trained ones) every N optimizer steps, for the per-step KL profile in metrics.jsonl (0 = never)")
     compile: Literal["none", "teacher", "student", "both"] = Field("none", description="torch.compile the transformer blocks of these models (regional; ~1.65× per iteration on a GPU, ~1 min of compilation per run)")
 
 # %% ../nbs/00_config.ipynb #a811c891
@@ -268,7 +269,7 @@ def config_overrides(cfg: Config) -> list[str]:
     return [f"{k}={_yaml_value(v)}" for k, v in _leaves(cfg.model_dump(mode="json")).items() if k not in base or base[k] != v]
 
 # %% ../nbs/00_config.ipynb #0c11c1fa
-SPEED_ONLY = {"train": {"compile"}}
+SPEED_ONLY = {"train": {"compile", "full_grading_every"}}
 
 def config_hash(cfg: Config) -> str:
     "sha256 of the canonical JSON of the resolved config, without the speed-only knobs."

@@ -90,22 +90,28 @@ class RewardComputer:
     def __init__(self, student, cfg: DistillConfig, negative=None, timesteps_per_sample: int = 0):
         self.student, self.cfg, self.neg, self.n_sub = student, cfg, negative, timesteps_per_sample
 
-    def select(self, tb: TrajectoryBatch, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        "(sample index, step index) pairs to train on."
-        K_eff = tb.K - self.cfg.skip_last_steps
+    def select_pairs(self, B: int, K: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        "(sample index, step index) pairs to train on, for B samples of K steps — known before the rollout, so only they are graded."
+        K_eff = K - self.cfg.skip_last_steps
         if self.n_sub and self.n_sub < K_eff:
-            ks = torch.stack([torch.randperm(K_eff, generator=generator)[: self.n_sub] for _ in range(tb.B)])
+            ks = torch.stack([torch.randperm(K_eff, generator=generator)[: self.n_sub] for _ in range(B)])
         else:
-            ks = torch.arange(K_eff).repeat(tb.B, 1)
-        bs = torch.arange(tb.B)[:, None].expand_as(ks)
+            ks = torch.arange(K_eff).repeat(B, 1)
+        bs = torch.arange(B)[:, None].expand_as(ks)
         return bs.reshape(-1), ks.reshape(-1)
 
-    def compute(self, tb: TrajectoryBatch, step: int = 0, generator: Optional[torch.Generator] = None) -> LossBreakdown:
+    def select(self, tb: TrajectoryBatch, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        "`select_pairs` for a trajectory batch."
+        return self.select_pairs(tb.B, tb.K, generator)
+
+    def compute(self, tb: TrajectoryBatch, step: int = 0, generator: Optional[torch.Generator] = None,
+                pairs: Optional[tuple] = None) -> LossBreakdown:
+        "The loss at `pairs` (default: `select(tb, generator)`), student forward with grad."
         if not torch.is_grad_enabled():
             raise RuntimeError("RewardComputer.compute ran under no_grad: the student's loss forward needs gradients, or nothing trains")
         w = loss_weights(self.cfg, step)
         a = tb.noise_level
-        bs, ks = self.select(tb, generator)
+        bs, ks = pairs if pairs is not None else self.select(tb, generator)
         dev = self.student.device
         x = tb.states[bs, ks].to(dev)
         sig, nxt = tb.sigmas[ks].to(dev), tb.sigmas[ks + 1].to(dev)

@@ -1,4 +1,4 @@
-"""The stochastic flow-matching sampler, the student's own trajectories, and the teacher grading every state the student visited — in batched forwards.
+"""The stochastic flow-matching sampler, the student's own trajectories, and the teacher grading the states the student visited — in batched forwards, and only where a loss reads them.
 
 Docs: https://opd-dev.github.io/opd/rollout.html.md"""
 
@@ -18,8 +18,8 @@ from .config import DistillConfig, OpdError
 
 # %% auto #0
 __all__ = ['SDEStep', 'sde_std', 'sde_step', 'GaussianVelocity', 'flow_sigmas', 'sample_generators', 'draw', 'derive_seed',
-           'PromptBatch', 'TrajectoryBatch', 'RolloutEngine', 'parse_snapshots', 'build_teacher_dataset',
-           'teacher_dataset_main']
+           'PromptBatch', 'TrajectoryBatch', 'RolloutEngine', 'trained_states', 'forwards_per_sample',
+           'parse_snapshots', 'build_teacher_dataset', 'teacher_dataset_main']
 
 # %% ../nbs/03_rollout.ipynb #c16cd526
 @dataclass
@@ -109,6 +109,7 @@ class TrajectoryBatch:
     batch: PromptBatch
     noise_level: float
     source: str                      # on_policy | teacher | forward
+    graded: Optional[Tensor] = None  # (B, K) bool: where the teacher graded (None = every state); NaN elsewhere
     @property
     def K(self): return self.states.shape[1] - 1
     @property
@@ -142,6 +143,9 @@ class RolloutEngine:
                 raise OpdError("distill.shift", cfg.shift, msg=f"scheduler σ schedule differs from the engine's (len {len(other)} vs {len(self.sigmas)}): teacher and student must share one schedule")
         self._neg = None
         self.timings = {}  # seconds of the last rollout: `rollout` (the policy's own sampling), `grading` (teacher)
+        self.counts = {}   # work of the last rollout: states the teacher and the student ran a forward on (CFG counted once)
+
+    def _count(self, name, n): self.counts[name] = self.counts.get(name, 0) + n
 
     def _lap(self, name, t0):
         t = _now(self.device); self.timings[name] = t - t0; return t
@@ -184,17 +188,21 @@ class RolloutEngine:
         return torch.stack(states, 1), torch.stack(noises, 1), torch.stack(vs, 1), torch.stack(means, 1)
 
     @torch.inference_mode()
-    def grade(self, states: Tensor, batch: PromptBatch, chunk: Optional[int] = None) -> Tensor:
-        "Teacher velocities at states (B, K, …) with σ_k, in batched forwards of `chunk` states."
-        B, K = states.shape[:2]
+    def grade_at(self, states: Tensor, batch: PromptBatch, bs: Tensor, ks: Tensor, chunk: Optional[int] = None) -> Tensor:
+        "Teacher velocities (n, …) at the states `states[bs[i], ks[i]]` with σ_{ks[i]}, in batched forwards of `chunk` states."
         chunk = chunk or self.cfg.grade_chunk
-        flat = _flat(states)
-        sig = self.sigmas[:K].repeat(B).to(self.device)                 # state (b, k) ↦ σ_k
-        emb = batch.emb.to(self.device).repeat_interleave(K)
-        out = []
-        for i in range(0, B * K, chunk):
-            out.append(self._v(self.pair.teacher, flat[i:i + chunk], sig[i:i + chunk], emb[i:i + chunk], self.cfg.teacher_guidance))
-        return torch.cat(out).reshape(B, K, *states.shape[2:]).clone()
+        x = states[bs, ks].to(self.device)
+        sig = self.sigmas[ks].to(self.device)
+        emb = batch.emb.to(self.device)[bs]
+        out = [self._v(self.pair.teacher, x[i:i + chunk], sig[i:i + chunk], emb[i:i + chunk], self.cfg.teacher_guidance)
+               for i in range(0, len(bs), chunk)]
+        return torch.cat(out).clone()
+
+    def grade(self, states: Tensor, batch: PromptBatch, chunk: Optional[int] = None) -> Tensor:
+        "Teacher velocities at every state of (B, K, …), σ_k at step k: `grade_at` over all B·K states, sample-major."
+        B, K = states.shape[:2]
+        bs, ks = torch.arange(B).repeat_interleave(K), torch.arange(K).repeat(B)
+        return self.grade_at(states, batch, bs, ks, chunk).reshape(B, K, *states.shape[2:])
 
     @torch.inference_mode()
     def grade_stepwise(self, states: Tensor, batch: PromptBatch) -> Tensor:
@@ -202,6 +210,25 @@ class RolloutEngine:
         emb = batch.emb.to(self.device)
         return torch.stack([self._v(self.pair.teacher, states[:, k], self.sigmas[k].item(), emb, self.cfg.teacher_guidance)
                             for k in range(states.shape[1])], 1).clone()
+
+    def grade_pairs(self, states: Tensor, batch: PromptBatch, pairs: Optional[tuple] = None, grade_all: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        "Teacher velocities at states (B, K, …): the `pairs` (sample, step) first, then — if `grade_all` — every other state; NaN where not graded."
+        B, K = states.shape[:2]
+        if pairs is None:
+            self._count("teacher_states", B * K)
+            return self.grade(states, batch), None
+        bs, ks = pairs
+        first = self.grade_at(states, batch, bs, ks)
+        v = torch.full(states.shape, float("nan"), dtype=first.dtype, device=first.device)
+        v[bs, ks] = first
+        graded = torch.zeros(B, K, dtype=torch.bool)
+        graded[bs, ks] = True
+        if grade_all and not graded.all():
+            rb, rk = (~graded).nonzero(as_tuple=True)
+            v[rb, rk] = self.grade_at(states, batch, rb, rk)
+            graded[:] = True
+        self._count("teacher_states", int(graded.sum()))
+        return v, None if graded.all() else graded
 
     def means(self, states: Tensor, v: Tensor, noise_level: float) -> tuple[Tensor, Tensor]:
         "Transition means at states (B, K, …) for velocities v, and the shared std (K,)."
@@ -213,40 +240,47 @@ class RolloutEngine:
         return st.mean.reshape(states.shape), std
 
 # %% ../nbs/03_rollout.ipynb #4da2a779
-def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None) -> TrajectoryBatch:
-    "Roll out `batch` in `mode` (default `distill.mode`) and grade every visited state with the teacher."
+def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None, pairs: Optional[tuple] = None,
+             grade_all: bool = True) -> TrajectoryBatch:
+    "Roll out `batch` in `mode` (default `distill.mode`); the teacher grades the `pairs` (sample, step) that train, and every other state if `grade_all`."
     mode = mode or self.cfg.mode
     a = self.cfg.noise_level
     self.timings = {"rollout": 0.0, "grading": 0.0}
+    self.counts = {"teacher_states": 0, "student_states": 0}
+    B, K = len(batch), self.K
     t0 = _now(self.device)
     if mode == "mixed":
         coin = random.Random(derive_seed("mixed", *batch.seeds)).random()
         mode = "on_policy" if coin < self.cfg.mixed_lambda else "teacher"
+    graded = None
     if mode == "on_policy":
         states, noise, v_s, mean_s = self.trajectory(batch, "student", a)
+        self._count("student_states", B * K)
         t0 = self._lap("rollout", t0)
-        v_t = self.grade(states[:, :-1], batch)
+        v_t, graded = self.grade_pairs(states[:, :-1], batch, pairs, grade_all)
         mean_t, std = self.means(states[:, :-1], v_t, a)
     elif mode == "teacher":
-        states, noise, v_t, mean_t = self.trajectory(batch, "teacher", a)
+        states, noise, v_t, mean_t = self.trajectory(batch, "teacher", a)   # the teacher's own velocities: every state, for free
+        self._count("teacher_states", B * K)
         v_s = mean_s = None
         _, std = self.means(states[:, :-1], v_t, a)
     elif mode == "forward":
         x0 = self.trajectory(batch, "teacher", 0.0)[0][:, -1]
+        self._count("teacher_states", B * K)
         gens = sample_generators([derive_seed("forward", s) for s in batch.seeds])
-        eps = torch.stack([draw(gens, tuple(x0.shape[1:]), x0.device, x0.dtype) for _ in range(self.K)], 1)
-        sig = self.sigmas[:self.K].to(x0.device).reshape(1, -1, *([1] * (x0.ndim - 1)))
+        eps = torch.stack([draw(gens, tuple(x0.shape[1:]), x0.device, x0.dtype) for _ in range(K)], 1)
+        sig = self.sigmas[:K].to(x0.device).reshape(1, -1, *([1] * (x0.ndim - 1)))
         noised = (1 - sig) * x0[:, None] + sig * eps
         states = torch.cat([noised, x0[:, None]], 1)
         noise = eps
-        v_t = self.grade(noised, batch)
+        v_t, graded = self.grade_pairs(noised, batch, pairs, grade_all)
         mean_t, std = self.means(noised, v_t, a)
         v_s = mean_s = None
     else:
         raise OpdError("distill.mode", mode, "on_policy, teacher, forward, mixed")
     self._lap("grading", t0)
     return TrajectoryBatch(states=states, sigmas=self.sigmas.clone(), noise=noise, std=std, teacher_v=v_t, teacher_mean=mean_t,
-                           student_v=v_s, student_mean=mean_s, batch=batch, noise_level=a, source=mode)
+                           student_v=v_s, student_mean=mean_s, batch=batch, noise_level=a, source=mode, graded=graded)
 
 RolloutEngine.rollout = _rollout
 
@@ -257,6 +291,31 @@ def _sample(self: RolloutEngine, batch: PromptBatch, model: str = "student", noi
     return self.trajectory(batch, model, noise_level)[0][:, -1]
 
 RolloutEngine.sample = _sample
+
+# %% ../nbs/03_rollout.ipynb #c8bed094
+def trained_states(cfg) -> int:
+    "States per sample that get a student forward+backward: `train.timesteps_per_sample`, or all K minus `distill.skip_last_steps`."
+    k_eff = cfg.distill.num_steps - cfg.distill.skip_last_steps
+    n = cfg.train.timesteps_per_sample
+    return n if n and n < k_eff else k_eff
+
+def forwards_per_sample(cfg, # a resolved `opd.config.Config`
+                        mode: Optional[str] = None, # default `distill.mode`
+                        full_grading: bool = False, # grade every visited state (today's `train.full_grading_every` steps)
+                       ) -> dict:
+    "Image-forwards one training sample costs: student rollout, teacher (trajectory + grading), student forward+backward states."
+    d = cfg.distill
+    mode = mode or d.mode
+    K, n = d.num_steps, trained_states(cfg)
+    gt, gs = (1 if d.teacher_guidance == 1 else 2), (1 if d.student_guidance == 1 else 2)
+    if mode == "mixed":
+        on, off = forwards_per_sample(cfg, "on_policy", full_grading), forwards_per_sample(cfg, "teacher", full_grading)
+        lam = d.mixed_lambda
+        return {k: lam * on[k] + (1 - lam) * off[k] for k in on}
+    graded = K if full_grading else n
+    rollout = {"on_policy": K * gs, "teacher": 0, "forward": 0}[mode]
+    teacher = {"on_policy": graded * gt, "teacher": K * gt, "forward": K * gt + graded * gt}[mode]
+    return dict(student_rollout=rollout, teacher=teacher, student_train=n * gs)
 
 # %% ../nbs/03_rollout.ipynb #0d85b116
 import json, os

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import (Config, OpdError, cli_main, config_from_args, config_hash, config_parser, load_config,
                         prepare_run_dir, print_config, repro_keys)
 from .rollout import PromptBatch, RolloutEngine, derive_seed, _now
-from .losses import RewardComputer, final_latent_mse
+from .losses import RewardComputer, final_latent_mse, per_step_kl
 
 # %% auto #0
 __all__ = ['OOM_HELP', 'TrainMetrics', 'PromptStream', 'write_manifest', 'verify_checkpoint', 'list_checkpoints',
@@ -50,6 +50,9 @@ class TrainMetrics:
     samples_per_s: float = 0.0
     peak_mem_mb: float = 0.0
     heldout_latent_mse: float = float("nan")
+    teacher_states: int = 0          # states the teacher ran a forward on, all micro-batches (a CFG pair counts once)
+    student_train_states: int = 0    # states the student trained on (forward + backward), all micro-batches
+    kl_profile: Optional[list] = None  # full-grading steps: mean KL per sampler step over this process's samples (nats), all K
 
 # %% ../nbs/05_train.ipynb #ce3f1505
 class PromptStream:
@@ -129,13 +132,22 @@ class MetricsLog:
     def append(self, m: TrainMetrics):
         with open(self.jsonl, "a") as f: f.write(json.dumps(asdict(m)) + "\n"); f.flush()
 
-    def write_csv(self):
+    def write_csv(self, sigmas: Optional[Sequence[float]] = None):
+        "metrics.csv: every scalar column (rows of older versions may lack some); kl_profile.csv: the per-step KL profiles, long form."
         rows = self.rows()
         if not rows: return
+        cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))))
         tmp = self.csv.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore"); w.writeheader(); w.writerows(rows)
         os.replace(tmp, self.csv)
+        prof = [(r["step"], k, v) for r in rows if r.get("kl_profile") for k, v in enumerate(r["kl_profile"])]
+        if prof:
+            path = self.csv.with_name("kl_profile.csv")
+            with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
+                w = csv.writer(f); w.writerow(["step", "k", "sigma", "kl_nats"])
+                w.writerows([s, k, sigmas[k] if sigmas is not None else "", v] for s, k, v in prof)
+            os.replace(path.with_suffix(".csv.tmp"), path)
 
 # %% ../nbs/05_train.ipynb #b1089e51
 OOM_HELP = ("out of GPU memory: lower train.batch_size (and raise train.grad_accum to keep the effective batch), "
@@ -199,6 +211,7 @@ class DistillTrainer:
         self.params = params
         train = [r for r in self.records if r.get("split", "train") == "train"]
         self.stream = PromptStream(train, self.pair.encode, tc.batch_size, cfg.seed, self.accel.process_index, self.accel.num_processes)
+        self.full_grading_every = tc.full_grading_every   # an attribute, so the benchmark can time both ways on one trainer
         self.global_step, self.nonfinite = 0, 0
         self.log = MetricsLog(self.run_dir)
         if tc.tensorboard: self.accel.init_trackers("opd")
@@ -214,22 +227,28 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
     tc, acc, dev = self.cfg.train, self.accel, self.accel.device
     gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "subset", self.global_step, acc.process_index) % 2**63)
     t = dict(rollout=0.0, grading=0.0, backward=0.0)
-    parts, sources, finite, n = [], set(), True, 0
+    parts, sources, finite, n, profiles, teacher_states = [], set(), True, 0, [], 0
+    fge = self.full_grading_every
+    full = bool(fge) and self.global_step % fge == 0   # grade every visited state: the per-step KL profile over all K
     self.student.transformer.train()
     try:
         for j, mb in enumerate(micro):
-            with acc.autocast(): tb = self.engine.rollout(mb)   # bf16 autocast matters: fp32 is ~4.6× slower on a GPU
+            pairs = self.reward.select_pairs(len(mb), self.engine.K, gen)   # the trained states, known before the rollout
+            with acc.autocast(): tb = self.engine.rollout(mb, pairs=pairs, grade_all=full)   # bf16 autocast: fp32 is ~4.6× slower on a GPU
             t["rollout"] += self.engine.timings["rollout"]; t["grading"] += self.engine.timings["grading"]
+            teacher_states += self.engine.counts["teacher_states"]
+            if tb.student_mean is not None and tb.graded is None: profiles.append(per_step_kl(tb).mean(0))
             t0 = _now(dev)
             sync = j == len(micro) - 1
             ctx = acc.no_sync(self.student.transformer) if not sync and acc.num_processes > 1 else nullcontext()
             with ctx, acc.autocast():
-                lb = self.reward.compute(tb, step=self.global_step, generator=gen)
+                lb = self.reward.compute(tb, step=self.global_step, pairs=pairs)
                 loss = lb.total / len(micro)
                 if not torch.isfinite(loss.detach()): finite = False
                 acc.backward(loss)          # always: every process must join the gradient all-reduce
             t["backward"] += _now(dev) - t0
             parts.append(lb); sources.add(tb.source); n += len(mb)
+            del tb
     except torch.cuda.OutOfMemoryError:
         raise TrainingStopped(OOM_HELP) from None
     t0 = _now(dev)
@@ -253,7 +272,9 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
                      w_kl=parts[0].weights["kl"], w_mse=parts[0].weights["mse"], source="+".join(sorted(sources)),
                      skipped=not finite, nonfinite_in_a_row=self.nonfinite, t_rollout=t["rollout"], t_grading=t["grading"],
                      t_backward=t["backward"], t_optimizer=t_opt,
-                     samples_per_s=n * acc.num_processes / max(1e-9, sum(t.values()) + t_opt), peak_mem_mb=peak_mem_mb(dev))
+                     samples_per_s=n * acc.num_processes / max(1e-9, sum(t.values()) + t_opt), peak_mem_mb=peak_mem_mb(dev),
+                     teacher_states=teacher_states, student_train_states=sum(p.n_states for p in parts),
+                     kl_profile=[round(float(v), 6) for v in torch.stack(profiles).mean(0)] if full and profiles else None)
     if self.nonfinite >= tc.max_nonfinite:
         raise TrainingStopped(f"{self.nonfinite} non-finite losses in a row (train.max_nonfinite={tc.max_nonfinite}) at step {self.global_step}: "
                               "lower train.lr, raise train.max_grad_norm clipping, or set distill.kl_step_clip / distill.skip_last_steps; "
@@ -349,7 +370,7 @@ def _train(self: DistillTrainer) -> dict:
             if self.global_step % tc.checkpoint_every == 0 or self.global_step == tc.max_steps: self.save_checkpoint()
     finally:
         bar.close()
-        if main: self.log.write_csv()
+        if main: self.log.write_csv(self.engine.sigmas.tolist())
     summary = {}
     if main:
         after = self.heldout_mse()

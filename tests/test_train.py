@@ -145,3 +145,25 @@ def test_pipeline_hands_its_pair_to_training_without_changing_it(tmp_path):
     distill(cfg, tmp_path / "solo", progress=False)
     cols = lambda d: [tuple(json.loads(l)[k] for k in LOSSES) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     assert cols("pipe") == cols("solo")
+
+@pytest.mark.parametrize("n_sub", [2, 0])
+def test_selective_grading_same_losses(tmp_path, n_sub):
+    "The teacher grades only the trained states (full_grading_every=0) or every state (1): identical loss columns, less teacher work."
+    from opd.config import load_config
+    from opd.train import distill
+    runs = {}
+    for every in (0, 1):
+        cfg = load_config("tiny", overrides=["train.max_steps=3", "prompts.n_prompts=16", f"train.timesteps_per_sample={n_sub}",
+                                             f"train.full_grading_every={every}"])
+        distill(cfg, tmp_path / f"every{every}", progress=False)
+        runs[every] = [json.loads(l) for l in (tmp_path / f"every{every}" / "metrics.jsonl").read_text().splitlines()]
+    cols = ("step", "total_loss", "kl_loss", "kl_nats", "mse_loss", "lr", "grad_norm")
+    assert [[r[c] for c in cols] for r in runs[0]] == [[r[c] for c in cols] for r in runs[1]]
+    B, K, k_eff = 4, 8, 7
+    trained = B * (n_sub or k_eff)
+    assert all(r["student_train_states"] == trained for r in runs[0] + runs[1])
+    assert all(r["teacher_states"] == trained and r["kl_profile"] is None for r in runs[0])
+    assert all(r["teacher_states"] == B * K and len(r["kl_profile"]) == K for r in runs[1])
+    prof = (tmp_path / "every1" / "kl_profile.csv").read_text().splitlines()
+    assert prof[0] == "step,k,sigma,kl_nats" and len(prof) == 1 + 3 * K
+    assert not (tmp_path / "every0" / "kl_profile.csv").exists()
