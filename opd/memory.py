@@ -17,10 +17,10 @@ from .config import (Config, OpdError, cli_main, config_from_args, config_parser
 
 # %% auto #0
 __all__ = ['GiB', 'ACT_BYTES', 'INF_BYTES', 'FRAGMENTATION', 'CONTEXT_GIB', 'SD35_TEXT_PARAMS', 'SD35_VAE_PARAMS', 'KNOWN_HUB',
-           'DTYPE_BYTES', 'TransformerShape', 'transformer_shape', 'lora_params', 'ModelInfo', 'model_info',
-           'MemoryCase', 'MemoryEstimate', 'activation_bytes', 'estimate', 'design_cases', 'fit_act_bytes',
-           'validation_table', 'case_from_config', 'needed_gib', 'MemoryPlan', 'plan_memory', 'plan_table',
-           'peak_components', 'plot_memory', 'main']
+           'DTYPE_BYTES', 'TransformerShape', 'clean_transformer_config', 'transformer_shape', 'lora_params',
+           'ModelInfo', 'model_info', 'MemoryCase', 'MemoryEstimate', 'activation_bytes', 'estimate', 'design_cases',
+           'fit_act_bytes', 'validation_table', 'case_from_config', 'needed_gib', 'MemoryPlan', 'plan_memory',
+           'plan_table', 'peak_components', 'plot_memory']
 
 # %% ../nbs/12_memory.ipynb #906ac4bd
 GiB = 2**30
@@ -56,7 +56,8 @@ def _shape_cached(cfg_json: str, name: str) -> TransformerShape:
     return TransformerShape(name, sum(p.numel() for p in m.parameters()), sum(b.numel() for b in m.buffers()), c["num_layers"],
                             c["num_attention_heads"] * c["attention_head_dim"], c["patch_size"], len(c.get("dual_attention_layers") or ()))
 
-def _clean_config(c: dict) -> dict:
+def clean_transformer_config(c: dict) -> dict:
+    "Only the keys `SD3Transformer2DModel` takes (a saved config.json also holds `_class_name`, versions, …), tuples as lists."
     from diffusers import SD3Transformer2DModel
     import inspect
     ok = set(inspect.signature(SD3Transformer2DModel.__init__).parameters) - {"self"}
@@ -64,7 +65,7 @@ def _clean_config(c: dict) -> dict:
 
 def transformer_shape(config: dict, name: str = "") -> TransformerShape:
     "Parameter/buffer counts and widths of an SD3 transformer config (built on the meta device; cached)."
-    return _shape_cached(json.dumps(_clean_config(config), sort_keys=True), name)
+    return _shape_cached(json.dumps(clean_transformer_config(config), sort_keys=True), name)
 
 @lru_cache(maxsize=32)
 def _lora_cached(cfg_json: str, rank: int, targets: str) -> int:
@@ -80,7 +81,7 @@ def _lora_cached(cfg_json: str, rank: int, targets: str) -> int:
 def lora_params(config: dict, rank: int, targets: str = "image") -> int:
     "Trainable parameters of peft LoRA (rank, image|text|both streams) on this transformer."
     if rank <= 0: return 0
-    return _lora_cached(json.dumps(_clean_config(config), sort_keys=True), rank, targets)
+    return _lora_cached(json.dumps(clean_transformer_config(config), sort_keys=True), rank, targets)
 
 # %% ../nbs/12_memory.ipynb #418e952a
 @dataclass(frozen=True)
@@ -429,30 +430,3 @@ def plot_memory(plans: dict, ax=None):
     ax.set_xticks(range(len(names)), names); ax.set_ylim(0, 1.2); ax.set_ylabel("share of the peak")
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     return ax
-
-# %% ../nbs/12_memory.ipynb #2060c54b
-def _plan_cli(argv=None):
-    p = config_parser("opd-plan-memory", "Predict the peak GPU memory of the configured training and whether it fits a GPU.")
-    p.add_argument("--gpu-gb", default="80", help="GPU memory in GiB (default 80)")
-    p.add_argument("--adamw", default="fused", help="fused (what DistillTrainer uses on CUDA) or foreach (torch's default elsewhere)")
-    p.add_argument("--first-step", action="store_true", help="the first step's peak (AdamW states not yet allocated during the backward)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
-    p.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
-    args = p.parse_args(argv)
-    try: gpu = float(args.gpu_gb)
-    except ValueError: raise OpdError("--gpu-gb", args.gpu_gb, "a number of GiB > 0, e.g. 80") from None
-    cfg = config_from_args(args)
-    if args.print_config: return print_config(cfg)
-    plan = plan_memory(cfg, gpu, args.adamw, steady_state=not args.first_step)
-    d = plan.as_dict() | dict(repro=repro_keys(cfg))
-    print(json.dumps(d, indent=2, default=str) if args.json else plan_table(plan))
-    if args.out:
-        rd = prepare_run_dir(cfg, args.out)
-        f = rd / "memory_plan.json"
-        f.write_text(json.dumps(d, indent=2, default=str))
-        print(f)
-    if args.strict and not plan.fits: raise SystemExit(1)
-
-def main(argv=None):
-    "Console script `opd-plan-memory`."
-    return cli_main(_plan_cli, argv)

@@ -72,3 +72,27 @@ def test_plan_memory_does_not_fit_and_bad_input():
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --gpu-gb"), r.stderr
+
+
+def test_bench_necessary_ratio_and_selective_grading(bench):
+    "The second ratio (against the necessary work) and the comparison with grading every visited state."
+    _, r, b = bench
+    assert math.isfinite(b["necessary_ratio"]) and 0.3 < b["necessary_ratio"] < 20 and b["seconds_per_sample"] > 0
+    f = b["full_grading"]
+    assert b["iteration"]["teacher_states"] == 4 * 7 and f["teacher_states"] == 4 * 8      # trained states vs every visited state
+    assert f["necessary_ratio"] > 0 and f["selective_speedup"] > 0 and f["configured_wall_s"] > 0
+    assert "ratio (necessary work)" in r.stdout
+
+def test_plan_time_and_gpus(tmp_path):
+    "opd-plan: memory and time on a named GPU into memory_plan.json; opd-plan-memory is the same command."
+    r = run("opd-plan", "--stage", "final", "--gpu", "h100", "--gpus", "2", "--out", str(tmp_path / "plan"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / "plan" / "memory_plan.json").read_text())
+    assert d["gpu_gib"] == 79.1 and d["time"]["n_gpus"] == 2 and d["time"]["gpu"] == "h100"
+    assert 0 < d["seconds_per_sample"] < d["seconds_per_iteration"] and d["gpu_hours"] > 0
+    assert "s per on-policy sample" in r.stdout and "GPU-hours" in r.stdout
+    for bad, flag in ((["--gpu", "v100"], "--gpu"), (["--gpus", "0"], "--gpus")):
+        r = run("opd-plan-memory", "--stage", "final", *bad, "--out", str(tmp_path / "bad"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and flag in lines[0], r.stderr
+    assert not (tmp_path / "bad").exists()

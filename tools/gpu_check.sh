@@ -17,6 +17,10 @@
 #       that already has (a)-(d):   STEPS=f bash tools/gpu_check.sh
 #   (g) (a) and (h) (c) as the trainer runs them with train.compile=both (the pilot/final default): the
 #       iteration, overhead ratio and peak memory of compiled training; the first warm-up iteration compiles
+#   (i) the final stage's real shapes: 1024 px, K=28, CFG 3.5, 4 trained states/sample, batch 2, train.compile=both — the
+#       teacher grading only the trained states, then every visited state (bench.json: necessary_ratio, full_grading, s/sample)
+#   (j) the pilot stage's real shapes: SD3.5 Medium (random) → its pruned student, 512 px, K=20, CFG 4.5, train.compile=both
+#       — for a session that has the rest:   STEPS="i j" BUDGET=530 bash tools/gpu_check.sh
 # STEPS picks steps (default "a b c d e"); bench.json is rewritten after every measurement, so a cut keeps what was done.
 set -u
 STEPS=" ${STEPS:-a b c d e} "
@@ -114,6 +118,12 @@ run_bench e 400 10 "${A[@]}" --iters 2 --warmup 1 --grading-batches "" --compile
 run_bench f 900 25 "${A[@]}" --iters 3 --warmup 2 --grading-batches 1,4 --throughput-max-images 64 --compile --compile-targets teacher,student
 run_bench g 260 190 "${A[@]}" --set train.compile=both --iters 3 --warmup 2 --grading-batches ""
 run_bench h 260 10 "${C[@]}" --set train.compile=both --iters 2 --warmup 2 --grading-batches ""
+I=(--stage final --n-prompts 16 --set model.teacher=random:sd35-large --set model.student=random:sd35-medium
+   --set model.dtype=bfloat16 --set train.mixed_precision=bf16 --set train.batch_size=2 --set train.grad_accum=1)
+J=(--stage pilot --n-prompts 16 --set model.teacher=random:sd35-medium --set model.dtype=bfloat16 --set train.mixed_precision=bf16
+   --set train.grad_accum=1)
+run_bench i 300 170 "${I[@]}" --iters 3 --warmup 2 --grading-batches "" --throughput-max-images 0
+run_bench j 170 10 "${J[@]}" --iters 3 --warmup 2 --grading-batches "" --throughput-max-images 0
 fi
 
 say "summary"
