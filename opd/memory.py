@@ -1,4 +1,4 @@
-"""Predict the peak GPU memory of a configured distillation run — weights, gradients, AdamW states, activations with and without gradient checkpointing, text encoders, VAE — before renting the GPU; the `opd-plan-memory` job.
+"""Predict the peak GPU memory of a configured distillation run — weights, gradients, AdamW states, activations with and without gradient checkpointing, text encoders, VAE — before renting the GPU; the memory half of `opd-plan`.
 
 Docs: https://opd-dev.github.io/opd/memory.html.md"""
 
