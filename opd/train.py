@@ -237,7 +237,7 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
             with acc.autocast(): tb = self.engine.rollout(mb, pairs=pairs, grade_all=full)   # bf16 autocast: fp32 is ~4.6× slower on a GPU
             t["rollout"] += self.engine.timings["rollout"]; t["grading"] += self.engine.timings["grading"]
             teacher_states += self.engine.counts["teacher_states"]
-            if tb.student_mean is not None and tb.graded is None: profiles.append(per_step_kl(tb).mean(0))
+            if full and tb.student_mean is not None and tb.graded is None: profiles.append(per_step_kl(tb).mean(0))
             t0 = _now(dev)
             sync = j == len(micro) - 1
             ctx = acc.no_sync(self.student.transformer) if not sync and acc.num_processes > 1 else nullcontext()
