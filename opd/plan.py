@@ -15,13 +15,13 @@ from typing import Optional, Sequence
 from .config import (Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config, repro_keys,
                         write_atomic)
 from .memory import clean_transformer_config, lora_params, model_info, plan_memory, plan_table
-from .rollout import trained_states
+from .rollout import forwards_per_sample, images_per_state, trained_states
 
 # %% auto #0
 __all__ = ['GPUS', 'MEASURED', 'MEASURED_ON', 'EFF', 'COMPILE_S', 'GPU', 'get_gpu', 'transformer_flops', 'vae_decode_flops',
            'saturation_curve', 'saturation', 'Efficiency', 'fit_efficiency', 'efficiency', 'forward_seconds',
-           'train_seconds', 'optimizer_seconds', 'predict_iteration', 'validation', 'predict_run', 'plan_run',
-           'plan_json', 'time_table', 'write_plan', 'main']
+           'train_seconds', 'optimizer_seconds', 'predict_iteration', 'validation', 'data_parallel', 'predict_run',
+           'plan_run', 'plan_json', 'time_table', 'write_plan', 'main']
 
 # %% ../nbs/16_plan.ipynb #de545d74
 @dataclass(frozen=True)
@@ -211,6 +211,11 @@ def _pair_info(cfg: Config):
     si = model_info(m.student, "model.student", teacher=ti, keep=m.student_keep)
     return ti, si
 
+def _trainable(cfg: Config, si) -> int:
+    "Trainable parameters of the student: all of them, or LoRA's. (LoRA is costed like a full fine-tune: its backward still runs through every frozen layer, and measured LoRA iterations were no faster.)"
+    m = cfg.model
+    return lora_params(si.config, m.lora_rank, m.lora_targets) if m.lora_rank else si.shape.params
+
 def predict_iteration(cfg: Config, # a resolved config (any stage; `random:`, `prune:`, hub ids SD3.5 Large/Medium, local folders)
                       gpu: str = "h200", # a key of `GPUS`
                       full_grading: bool = False, # the teacher grades every visited state (as before selective grading)
@@ -224,7 +229,7 @@ def predict_iteration(cfg: Config, # a resolved config (any stage; `random:`, `p
     Ft, Fs = transformer_flops(ti.config, m.resolution, T, ti.vae_factor), transformer_flops(si.config, m.resolution, T, si.vae_factor)
     comp_t, comp_s = t.compile in ("teacher", "both"), t.compile in ("student", "both")
     B, K, n = t.batch_size, d.num_steps, trained_states(cfg)
-    gt, gs = (1 if d.teacher_guidance == 1 else 2), (1 if d.student_guidance == 1 else 2)
+    gt, gs = images_per_state(d.teacher_guidance), images_per_state(d.student_guidance)
     def grading(states): return sum(forward_seconds(Ft, c * gt, g, e, comp_t) for c in _chunks(states, d.grade_chunk))
     def phases(mode):
         if mode == "on_policy": return dict(rollout=K * forward_seconds(Fs, B * gs, g, e, comp_s), grading=grading(B * (K if full_grading else n)))
@@ -234,9 +239,8 @@ def predict_iteration(cfg: Config, # a resolved config (any stage; `random:`, `p
         return {k: d.mixed_lambda * on[k] + (1 - d.mixed_lambda) * off[k] for k in on}
     ph = phases(d.mode)
     ph["backward"] = train_seconds(Fs, B * n * gs, g, e, comp_s, m.gradient_checkpointing)
-    lora = si.shape.params if not m.lora_rank else lora_params(si.config, m.lora_rank, m.lora_targets)
     per_micro = {k: t.grad_accum * v for k, v in ph.items()}
-    out = per_micro | dict(optimizer=optimizer_seconds(lora, g, e))
+    out = per_micro | dict(optimizer=optimizer_seconds(_trainable(cfg, si), g, e))
     out["total"] = sum(out.values())
     out["seconds_per_sample"] = out["total"] / (B * t.grad_accum)
     out["flops_per_image"] = dict(teacher=Ft, student=Fs)
@@ -273,11 +277,20 @@ def validation(eff: Optional[Efficiency] = None) -> list[dict]:
     return rows
 
 # %% ../nbs/16_plan.ipynb #c1ca12c4
+def data_parallel(cfg: Config, n_gpus: int) -> Config:
+    "The config that keeps `cfg`'s samples per optimizer step on `n_gpus` processes: `train.grad_accum` / N, else the micro-batch shrunk too."
+    from opd.config import config_with
+    t = cfg.train
+    if n_gpus == 1: return cfg
+    if t.grad_accum % n_gpus == 0: return config_with(cfg, **{"train.grad_accum": t.grad_accum // n_gpus})
+    if (t.batch_size * t.grad_accum) % n_gpus == 0: return config_with(cfg, **{"train.batch_size": t.batch_size * t.grad_accum // n_gpus, "train.grad_accum": 1})
+    raise OpdError("--gpus", n_gpus, f"a divisor of train.batch_size × train.grad_accum = {t.batch_size * t.grad_accum}")
+
 COMPILE_S = 70.0   # regional torch.compile of both models at the start of every (re)start: 71 s measured (H200, 2026-11-26)
 
 def predict_run(cfg: Config, # a resolved config
                 gpu: str = "h200", # a key of `GPUS`
-                n_gpus: int = 1, # data-parallel processes (`accelerate launch`) for training, at the same number of samples
+                n_gpus: int = 1, # data-parallel training processes (`accelerate launch`), each running `cfg`'s batch (see `data_parallel`)
                 eff: Optional[Efficiency] = None, # default: fitted to `MEASURED`
                ) -> dict:
     "Predicted GPU time of the whole configured run: training (with full-grading steps, held-out monitoring, compilation), teacher dataset, text encoding, evaluation."
@@ -293,15 +306,14 @@ def predict_run(cfg: Config, # a resolved config
     ti, si = _pair_info(cfg)
     Ft, Fs = it["flops_per_image"]["teacher"], it["flops_per_image"]["student"]
     comp_t, comp_s = t.compile in ("teacher", "both"), t.compile in ("student", "both")
-    gt, gs = (1 if d.teacher_guidance == 1 else 2), (1 if d.student_guidance == 1 else 2)
+    gt, gs = images_per_state(d.teacher_guidance), images_per_state(d.student_guidance)
     K, dec = d.num_steps, vae_decode_flops(m.resolution) / (g.bf16_tflops * 1e12 * e.vae)
     # held-out monitoring: 8 prompts, ODE samples of the student before, every eval_every steps and after; the teacher's once
     n_mon = 2 + (t.max_steps // t.eval_every if t.eval_every else 0)
     monitor = n_mon * K * forward_seconds(Fs, 8 * gs, g, e, comp_s) + K * forward_seconds(Ft, 8 * gt, g, e, comp_t)
     # all-reduce of fp32 gradients per optimizer step (ring), when data parallel
-    trainable = si.shape.params if not m.lora_rank else lora_params(si.config, m.lora_rank, m.lora_targets)
-    allreduce = 2 * (n_gpus - 1) / n_gpus * 4 * trainable / (g.link_gbs * 1e9) if n_gpus > 1 else 0.0
-    train_s = t.max_steps * (per_iter / n_gpus + allreduce) + monitor + (COMPILE_S if t.compile != "none" else 0.0)
+    allreduce = 2 * (n_gpus - 1) / n_gpus * 4 * _trainable(cfg, si) / (g.link_gbs * 1e9) if n_gpus > 1 else 0.0
+    train_s = t.max_steps * (per_iter + allreduce) + monitor + (COMPILE_S if t.compile != "none" else 0.0)   # the processes run in parallel
     recs = build_prompts(cfg)
     n_td = sum(r.get("split") in ("val", "heldout") for r in recs)
     teacher_dataset_s = n_td * (K * forward_seconds(Ft, 8 * gt, g, e) / 8 + dec)
@@ -310,8 +322,8 @@ def predict_run(cfg: Config, # a resolved config
     n_eval = cfg.eval.n_prompts * len(cfg.eval.splits) * cfg.eval.seeds_per_prompt
     eval_s = n_eval * (ef["teacher"] * forward_seconds(Ft, 8, g, e) / 8 + ef["student"] * forward_seconds(Fs, 8, g, e) / 8 + ef["vae"] * dec)
     wall = train_s + teacher_dataset_s + text_s + eval_s
-    samples = t.max_steps * t.batch_size * t.grad_accum
-    return dict(gpu=gpu, gpu_name=g.name, n_gpus=n_gpus, seconds_per_iteration=per_iter, seconds_per_sample=per_iter / (t.batch_size * t.grad_accum),
+    samples = t.max_steps * t.batch_size * t.grad_accum * n_gpus
+    return dict(gpu=gpu, gpu_name=g.name, n_gpus=n_gpus, seconds_per_iteration=per_iter, seconds_per_sample=per_iter / (t.batch_size * t.grad_accum * n_gpus),
                 seconds_per_iteration_full_grading=full["total"], phases=dict(rollout=it["rollout"], grading=it["grading"], backward=it["backward"], optimizer=it["optimizer"]),
                 samples=samples, train_s=train_s, monitor_s=monitor, allreduce_s_per_step=allreduce, teacher_dataset_s=teacher_dataset_s, text_s=text_s,
                 eval_s=eval_s, eval_samples=n_eval, wall_hours=wall / 3600, gpu_hours=n_gpus * wall / 3600,

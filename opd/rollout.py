@@ -18,8 +18,8 @@ from .config import DistillConfig, OpdError
 
 # %% auto #0
 __all__ = ['SDEStep', 'sde_std', 'sde_step', 'GaussianVelocity', 'flow_sigmas', 'sample_generators', 'draw', 'derive_seed',
-           'PromptBatch', 'TrajectoryBatch', 'RolloutEngine', 'trained_states', 'forwards_per_sample',
-           'parse_snapshots', 'build_teacher_dataset', 'teacher_dataset_main']
+           'PromptBatch', 'TrajectoryBatch', 'RolloutEngine', 'trained_states', 'images_per_state',
+           'forwards_per_sample', 'parse_snapshots', 'build_teacher_dataset', 'teacher_dataset_main']
 
 # %% ../nbs/03_rollout.ipynb #c16cd526
 @dataclass
@@ -143,7 +143,7 @@ class RolloutEngine:
                 raise OpdError("distill.shift", cfg.shift, msg=f"scheduler σ schedule differs from the engine's (len {len(other)} vs {len(self.sigmas)}): teacher and student must share one schedule")
         self._neg = None
         self.timings = {}  # seconds of the last rollout: `rollout` (the policy's own sampling), `grading` (teacher)
-        self.counts = {}   # work of the last rollout: states the teacher and the student ran a forward on (CFG counted once)
+        self.counts = {}   # work of the last rollout: `teacher_states`, the states the teacher ran a forward on (CFG counted once)
 
     def _count(self, name, n): self.counts[name] = self.counts.get(name, 0) + n
 
@@ -246,7 +246,7 @@ def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None
     mode = mode or self.cfg.mode
     a = self.cfg.noise_level
     self.timings = {"rollout": 0.0, "grading": 0.0}
-    self.counts = {"teacher_states": 0, "student_states": 0}
+    self.counts = {"teacher_states": 0}
     B, K = len(batch), self.K
     t0 = _now(self.device)
     if mode == "mixed":
@@ -255,7 +255,6 @@ def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None
     graded = None
     if mode == "on_policy":
         states, noise, v_s, mean_s = self.trajectory(batch, "student", a)
-        self._count("student_states", B * K)
         t0 = self._lap("rollout", t0)
         v_t, graded = self.grade_pairs(states[:, :-1], batch, pairs, grade_all)
         mean_t, std = self.means(states[:, :-1], v_t, a)
@@ -299,6 +298,10 @@ def trained_states(cfg) -> int:
     n = cfg.train.timesteps_per_sample
     return n if n and n < k_eff else k_eff
 
+def images_per_state(guidance: float) -> int:
+    "Images in one forward per state: 2 with classifier-free guidance (conditional + unconditional), else 1."
+    return 1 if guidance == 1 else 2
+
 def forwards_per_sample(cfg, # a resolved `opd.config.Config`
                         mode: Optional[str] = None, # default `distill.mode`
                         full_grading: bool = False, # grade every visited state (today's `train.full_grading_every` steps)
@@ -307,7 +310,7 @@ def forwards_per_sample(cfg, # a resolved `opd.config.Config`
     d = cfg.distill
     mode = mode or d.mode
     K, n = d.num_steps, trained_states(cfg)
-    gt, gs = (1 if d.teacher_guidance == 1 else 2), (1 if d.student_guidance == 1 else 2)
+    gt, gs = images_per_state(d.teacher_guidance), images_per_state(d.student_guidance)
     if mode == "mixed":
         on, off = forwards_per_sample(cfg, "on_policy", full_grading), forwards_per_sample(cfg, "teacher", full_grading)
         lam = d.mixed_lambda

@@ -50,9 +50,9 @@ class TrainMetrics:
     samples_per_s: float = 0.0
     peak_mem_mb: float = 0.0
     heldout_latent_mse: float = float("nan")
-    teacher_states: int = 0          # states the teacher ran a forward on, all micro-batches (a CFG pair counts once)
-    student_train_states: int = 0    # states the student trained on (forward + backward), all micro-batches
-    kl_profile: Optional[list] = None  # full-grading steps: mean KL per sampler step over this process's samples (nats), all K
+    teacher_states: int = 0          # states the teacher ran a forward on, all micro-batches of all processes (a CFG pair counts once)
+    student_train_states: int = 0    # states the student trained on (forward + backward), all micro-batches of all processes
+    kl_profile: Optional[list] = None  # full-grading steps: mean KL per sampler step over the main process's samples (nats), all K
 
 # %% ../nbs/05_train.ipynb #ce3f1505
 class PromptStream:
@@ -136,7 +136,8 @@ class MetricsLog:
         "metrics.csv: every scalar column (rows of older versions may lack some); kl_profile.csv: the per-step KL profiles, long form."
         rows = self.rows()
         if not rows: return
-        cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))))
+        nested = {k for r in rows for k, v in r.items() if isinstance(v, (list, dict))}
+        cols = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in nested]
         tmp = self.csv.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore"); w.writeheader(); w.writerows(rows)
@@ -229,7 +230,9 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
     t = dict(rollout=0.0, grading=0.0, backward=0.0)
     parts, sources, finite, n, profiles, teacher_states = [], set(), True, 0, [], 0
     fge = self.full_grading_every
-    full = bool(fge) and self.global_step % fge == 0   # grade every visited state: the per-step KL profile over all K
+    # grade every visited state on the first step and on every fge-th logged step (100, 200, …): the per-step KL profile over all K;
+    # only on-policy states have a student transition to compare (a `forward` batch would grade for nothing)
+    full = bool(fge) and (self.global_step == 0 or (self.global_step + 1) % fge == 0) and self.cfg.distill.mode in ("on_policy", "mixed")
     self.student.transformer.train()
     try:
         for j, mb in enumerate(micro):
@@ -255,6 +258,7 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
     # one decision for all processes: a non-finite loss anywhere poisons the all-reduced gradients everywhere,
     # and the losses' flags are gathered too
     loss_ok = bool(acc.gather(torch.tensor([float(finite)], device=dev)).min() > 0)
+    work = acc.gather(torch.tensor([[teacher_states, sum(p.n_states for p in parts)]], device=dev)).sum(0).tolist()   # all processes
     grad_norm = float(acc.clip_grad_norm_(self.params, tc.max_grad_norm))
     finite = loss_ok and math.isfinite(grad_norm)
     if finite:
@@ -273,7 +277,7 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
                      skipped=not finite, nonfinite_in_a_row=self.nonfinite, t_rollout=t["rollout"], t_grading=t["grading"],
                      t_backward=t["backward"], t_optimizer=t_opt,
                      samples_per_s=n * acc.num_processes / max(1e-9, sum(t.values()) + t_opt), peak_mem_mb=peak_mem_mb(dev),
-                     teacher_states=teacher_states, student_train_states=sum(p.n_states for p in parts),
+                     teacher_states=int(work[0]), student_train_states=int(work[1]),
                      kl_profile=[round(float(v), 6) for v in torch.stack(profiles).mean(0)] if full and profiles else None)
     if self.nonfinite >= tc.max_nonfinite:
         raise TrainingStopped(f"{self.nonfinite} non-finite losses in a row (train.max_nonfinite={tc.max_nonfinite}) at step {self.global_step}: "
@@ -363,7 +367,7 @@ def _train(self: DistillTrainer) -> dict:
             i0 = self.global_step * tc.grad_accum
             m = self.step([self.stream.batch(i0 + j) for j in range(tc.grad_accum)])
             if tc.eval_every and self.global_step % tc.eval_every == 0 and main: m.heldout_latent_mse = self.heldout_mse()
-            if main and (self.global_step % tc.log_every == 0 or self.global_step == tc.max_steps):
+            if main and (self.global_step % tc.log_every == 0 or self.global_step == tc.max_steps or m.kl_profile is not None):
                 self.log.append(m)
                 if tc.tensorboard: acc.log({k: v for k, v in asdict(m).items() if isinstance(v, (int, float))}, step=m.step)
             bar.update(1); bar.set_postfix(kl=f"{m.kl_loss:.4g}", mse=f"{m.mse_loss:.3g}")
