@@ -22,7 +22,7 @@ def code_cells(name):
 
 def test_numbered_notebooks_take_stage_overrides_out():
     names = numbered()
-    assert [n[:2] for n in names] == [f"{i:02d}" for i in range(13)], names
+    assert [n[:2] for n in names] == [f"{i:02d}" for i in range(len(names))], names
     for name in names:
         nb, cells = parameters_cells(name)
         assert len(cells) == 1, f"{name}: {len(cells)} parameters cells"
