@@ -605,11 +605,7 @@ def _load_source(spec: ModelSpec, field: str, role: str, seed: int, device, dtyp
         vae = build_vae(a.vae, derive_init_seed(seed, "vae", spec.name), device, torch.float32) if with_vae else None
         text = random_text_encoders(spec.name, seed, device, dtype) if with_text else None
         return _Source(spec, tr, vae, dict(a.vae), text)
-    layout = _local_layout(spec) if spec.kind == "local" else "pipeline"
-    if layout == "unknown":
-        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: not a diffusers folder; allowed: a pipeline folder (model_index.json), a transformer folder (config.json), or a saved opd student (transformer/)")
-    if layout != "pipeline" and (with_vae or with_text):
-        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r} holds only a transformer; allowed for the teacher: a full pipeline folder or hub id (it must bring the VAE and text encoders)")
+    layout = _check_layout(spec, field, needs_pipeline=with_vae or with_text)
     sub = {"pipeline": "transformer", "opd": "transformer", "transformer": None}[layout]
     tr = _pretrained(SD3Transformer2DModel, spec, field, "transformer", subfolder=sub, **{_DTYPE_KW: dtype})
     tr = tr.to(device)
@@ -655,6 +651,15 @@ def text_stack_diff(teacher: dict, student: dict) -> list[str]:
     return [f"{k}.{f} {teacher[k].get(f)!r} (teacher) vs {student.get(k, {}).get(f)!r} (student)"
             for k in teacher for f in sorted(set(teacher[k]) | set(student.get(k, {}))) if teacher[k].get(f) != student.get(k, {}).get(f)]
 
+def _check_layout(spec: ModelSpec, field: str, needs_pipeline: bool) -> str:
+    "The layout of a hub/local spec (`_local_layout`); one-line errors for an unknown folder, or a bare transformer where a pipeline is needed."
+    layout = _local_layout(spec) if spec.kind == "local" else "pipeline"
+    if layout == "unknown":
+        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: not a diffusers folder; allowed: a pipeline folder (model_index.json), a transformer folder (config.json), or a saved opd student (transformer/)")
+    if layout != "pipeline" and needs_pipeline:
+        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r} holds only a transformer; allowed for the teacher: a full pipeline folder or hub id (it must bring the VAE and text encoders)")
+    return layout
+
 def check_sources(cfg: Config) -> dict:
     "Resolve `model.teacher` and `model.student` from small files only; one-line `OpdError` for each problem. Returns {role: ModelSpec}."
     m = cfg.model
@@ -664,12 +669,7 @@ def check_sources(cfg: Config) -> dict:
     for role, spec in specs.items():
         field = f"model.{role}"
         if spec.kind not in ("hub", "local"): continue
-        layout = _local_layout(spec) if spec.kind == "local" else "pipeline"
-        if layout == "unknown":
-            raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: not a diffusers folder; allowed: a pipeline folder (model_index.json), a transformer folder (config.json), or a saved opd student (transformer/)")
-        if role == "teacher" and layout != "pipeline":
-            raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r} holds only a transformer; allowed for the teacher: a full pipeline folder or hub id (it must bring the VAE and text encoders)")
-        if layout != "pipeline": continue
+        if _check_layout(spec, field, needs_pipeline=role == "teacher") != "pipeline": continue
         index[role] = _load_index(spec, field)
         if spec.kind == "local" and not (Path(spec.name) / "transformer" / "config.json").is_file():
             raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: a pipeline folder without transformer/config.json; allowed: a diffusers pipeline folder "
