@@ -66,7 +66,10 @@ def replica_transformer_config(repo: str) -> dict:
     return c | dict(caption_projection_dim=c["num_attention_heads"] * c["attention_head_dim"])
 
 # %% ../nbs/13_hub.ipynb #68a34280
-def t5_tokenizer(n_prompts: int = 1000, seed: int = 0, n_words: int = 600) -> T5TokenizerFast:
+def t5_tokenizer(n_prompts: int = 1000,  # prompts in the corpus (`generate_prompts`)
+                 seed: int = 0,         # the corpus' seed
+                 n_words: int = 600,    # most frequent words that become pieces of their own
+                ) -> T5TokenizerFast:
     "A Unigram `T5TokenizerFast` (T5's specials, `▁` word marker, `</s>` appended) from the prompt corpus of `seed`; deterministic."
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from opd.prompts import generate_prompts
@@ -92,7 +95,9 @@ def clip_vocab_files(tok, folder: Path):
     (Path(folder) / "tokenizer.json").unlink(missing_ok=True)
 
 # %% ../nbs/13_hub.ipynb #def1bd74
-def build_replica(repo: str, seed: int = 0) -> StableDiffusion3Pipeline:
+def build_replica(repo: str,       # `LARGE` or `MEDIUM`
+                  seed: int = 0,   # every module's init and the tokenizers' corpus derive from it
+                 ) -> StableDiffusion3Pipeline:
     "A tiny random `StableDiffusion3Pipeline` with `repo`'s components and options; deterministic in `seed`."
     if repo not in REAL_TRANSFORMER: raise OpdError("repo", repo, ", ".join(REPOS))
     clip = tiny_tokenizer(seed=seed)
@@ -156,7 +161,10 @@ def _previous(out: Path) -> Optional[dict]:
                            "allowed: a new or empty folder (never your real HF cache: the replica would shadow the real weights)")
     return None
 
-def write_hub_replica(out, seed: int = 0, progress: bool = True) -> dict:
+def write_hub_replica(out,                   # the hub cache folder (what HF_HUB_CACHE will point at); never a real cache
+                      seed: int = 0,         # weights and tokenizers seed: the same seed writes byte-identical files
+                      progress: bool = True, # a progress bar over the two repos
+                     ) -> dict:
     "Write tiny replicas of both SD3.5 repos into a hub cache at `out`; returns {repo: snapshot folder}."
     from tqdm.auto import tqdm
     from diffusers.utils import logging as dlog
@@ -197,7 +205,11 @@ def check_command(stage: str, run_dir, extra: Sequence[str] = ()) -> list[str]:
     head = [exe] if exe else [sys.executable, "-c", "import sys; from opd.pipeline import main; sys.exit(main())"]
     return head + ["--stage", stage, "--out", str(run_dir)] + [a for o in (*SMOKE_OVERRIDES, *extra) for a in ("--set", o)]
 
-def run_check(stage: str, cache, run_dir=None, extra: Sequence[str] = ()) -> int:
+def run_check(stage: str,                 # `pilot` or `final`
+              cache,                      # the replica's hub cache folder
+              run_dir=None,               # the run directory (default: `cache/runs/<stage>`)
+              extra: Sequence[str] = (),  # more `--set` overrides, after the smoke ones
+             ) -> int:
     "Run `stage` on the replica at `cache` (into `cache/runs/<stage>` by default); returns the exit code."
     run_dir = Path(run_dir) if run_dir is not None else Path(cache) / "runs" / stage
     return subprocess.run(check_command(stage, run_dir, extra), env=replica_env(cache)).returncode
