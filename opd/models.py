@@ -26,8 +26,9 @@ __all__ = ['TINY_TRANSFORMER', 'TINY_VAE', 'TINY_TEXT', 'SD35_MEDIUM', 'SD35_LAR
            'arch_param_counts', 'train_bpe', 'tiny_tokenizer', 'derive_init_seed', 'build_transformer', 'build_vae',
            'build_text_encoders', 'ModelSpec', 'parse_spec', 'hub_offline', 'FlowModel', 'prune_transformer',
            'add_lora', 'lora_state_dict', 'latent_space', 'check_compatible', 'TextEncoders', 'random_text_encoders',
-           'pretrained_text_encoders', 'TextCache', 'resolve_device', 'ModelPair', 'load_models', 'time_forward',
-           'compile_unavailable', 'compile_blocks', 'compile_pair', 'to_uint8', 'save_png', 'load_student_pipeline']
+           'pretrained_text_encoders', 'TextCache', 'text_stack', 'text_stack_diff', 'check_sources', 'resolve_device',
+           'ModelPair', 'load_models', 'time_forward', 'compile_unavailable', 'compile_blocks', 'compile_pair',
+           'to_uint8', 'save_png', 'load_student_pipeline']
 
 # %% ../nbs/02_models.ipynb #4d4f95d5
 import diffusers, transformers
@@ -294,7 +295,24 @@ def hub_offline() -> bool:
     if getattr(constants, "HF_HUB_OFFLINE", False): return True
     return not _hub_reachable(urlparse(constants.ENDPOINT).hostname or "huggingface.co")
 
+def _hub_refusal(err: Optional[BaseException]) -> Optional[str]:
+    "`gated` or `unauthorized` when the hub said no somewhere in `err`'s chain (libraries re-raise it as an OSError), else None."
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, GatedRepoError): return "gated"
+        if isinstance(err, HfHubHTTPError) and getattr(getattr(err, "response", None), "status_code", None) == 401: return "unauthorized"
+        err = err.__cause__ or err.__context__
+    return None
+
 def _load_error(field: str, spec: ModelSpec, err: Exception, what: str) -> OpdError:
+    refusal = _hub_refusal(err) if spec.kind == "hub" else None
+    if refusal:
+        why = ("it is a gated repo and this account has not accepted its licence" if refusal == "gated"
+               else "not logged in, or the token is invalid (HTTP 401)")
+        return OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: the hub refused its {what}: {why}; allowed: accept the licence at "
+                        f"https://huggingface.co/{spec.name} with your account, then `hf auth login` (or set HF_TOKEN) and run again; or pass a local folder")
     if spec.kind == "hub":
         offline = hub_offline()
         why = "the hub cannot be reached (HF_HUB_OFFLINE=1 or no network) and it is not in the local HF cache" if offline else f"the hub refused it ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
@@ -587,11 +605,7 @@ def _load_source(spec: ModelSpec, field: str, role: str, seed: int, device, dtyp
         vae = build_vae(a.vae, derive_init_seed(seed, "vae", spec.name), device, torch.float32) if with_vae else None
         text = random_text_encoders(spec.name, seed, device, dtype) if with_text else None
         return _Source(spec, tr, vae, dict(a.vae), text)
-    layout = _local_layout(spec) if spec.kind == "local" else "pipeline"
-    if layout == "unknown":
-        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: not a diffusers folder; allowed: a pipeline folder (model_index.json), a transformer folder (config.json), or a saved opd student (transformer/)")
-    if layout != "pipeline" and (with_vae or with_text):
-        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r} holds only a transformer; allowed for the teacher: a full pipeline folder or hub id (it must bring the VAE and text encoders)")
+    layout = _check_layout(spec, field, needs_pipeline=with_vae or with_text)
     sub = {"pipeline": "transformer", "opd": "transformer", "transformer": None}[layout]
     tr = _pretrained(SD3Transformer2DModel, spec, field, "transformer", subfolder=sub, **{_DTYPE_KW: dtype})
     tr = tr.to(device)
@@ -605,6 +619,68 @@ def _load_source(spec: ModelSpec, field: str, role: str, seed: int, device, dtyp
             except (OSError, ValueError): vae_cfg = None
     text = pretrained_text_encoders(spec, field, tr.config.joint_attention_dim, device, dtype) if with_text else None
     return _Source(spec, tr, vae, vae_cfg, text)
+
+# %% ../nbs/02_models.ipynb #5e0a1c02
+_TEXT_ARCH = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim", "hidden_act",
+              "vocab_size", "max_position_embeddings", "d_model", "d_ff", "d_kv", "num_heads", "num_layers", "feed_forward_proj")
+_TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+def _sub_config(spec: ModelSpec, field: str, sub: str) -> dict:
+    "`<sub>/config.json` of a hub or local pipeline, read without loading weights."
+    try:
+        if spec.kind == "local": return json.loads((Path(spec.name) / sub / "config.json").read_text())
+        from huggingface_hub import hf_hub_download
+        return json.loads(Path(hf_hub_download(spec.name, "config.json", subfolder=sub, local_files_only=hub_offline())).read_text())
+    except (OSError, ValueError) as err: raise _load_error(field, spec, err, f"{sub} config") from None
+
+def text_stack(spec: ModelSpec, field: str, index: Optional[dict] = None) -> dict:
+    "Each text encoder's and tokenizer's class, and the encoders' architecture fields, from the configs of a pipeline spec."
+    index = _load_index(spec, field) if index is None else index
+    out = {}
+    for k in _TEXT_PARTS:
+        v = index.get(k)
+        cls = v[1] if isinstance(v, (list, tuple)) and len(v) == 2 else None
+        out[k] = {"class": cls}
+        if cls is not None and k.startswith("text_encoder"):
+            c = _sub_config(spec, field, k)
+            out[k] |= {f: c[f] for f in _TEXT_ARCH if f in c}
+    return out
+
+def text_stack_diff(teacher: dict, student: dict) -> list[str]:
+    "Every field where two `text_stack`s differ, as `part.field teacher-value (teacher) vs student-value (student)`."
+    return [f"{k}.{f} {teacher[k].get(f)!r} (teacher) vs {student.get(k, {}).get(f)!r} (student)"
+            for k in teacher for f in sorted(set(teacher[k]) | set(student.get(k, {}))) if teacher[k].get(f) != student.get(k, {}).get(f)]
+
+def _check_layout(spec: ModelSpec, field: str, needs_pipeline: bool) -> str:
+    "The layout of a hub/local spec (`_local_layout`); one-line errors for an unknown folder, or a bare transformer where a pipeline is needed."
+    layout = _local_layout(spec) if spec.kind == "local" else "pipeline"
+    if layout == "unknown":
+        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: not a diffusers folder; allowed: a pipeline folder (model_index.json), a transformer folder (config.json), or a saved opd student (transformer/)")
+    if layout != "pipeline" and needs_pipeline:
+        raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r} holds only a transformer; allowed for the teacher: a full pipeline folder or hub id (it must bring the VAE and text encoders)")
+    return layout
+
+def check_sources(cfg: Config) -> dict:
+    "Resolve `model.teacher` and `model.student` from small files only; one-line `OpdError` for each problem. Returns {role: ModelSpec}."
+    m = cfg.model
+    if str(m.teacher).strip().startswith("exact:"): return {}
+    specs = {"teacher": parse_spec(m.teacher, "model.teacher"), "student": parse_spec(m.student, "model.student")}
+    index = {}
+    for role, spec in specs.items():
+        field = f"model.{role}"
+        if spec.kind not in ("hub", "local"): continue
+        if _check_layout(spec, field, needs_pipeline=role == "teacher") != "pipeline": continue
+        index[role] = _load_index(spec, field)
+        if spec.kind == "local" and not (Path(spec.name) / "transformer" / "config.json").is_file():
+            raise OpdError(field, spec.raw, msg=f"{field}={spec.raw!r}: a pipeline folder without transformer/config.json; allowed: a diffusers pipeline folder "
+                           "with transformer/ (model_index.json + transformer/, vae/, text_encoder*/), or a transformer folder (config.json)")
+    if len(index) == 2:
+        diff = text_stack_diff(text_stack(specs["teacher"], "model.teacher", index["teacher"]), text_stack(specs["student"], "model.student", index["student"]))
+        if diff:
+            raise OpdError("model.student", m.student, msg=f"model.student={m.student!r}: its text encoders differ from the teacher's ({'; '.join(diff)}); "
+                           "the student learns from the teacher's text embeddings but would be saved with its own encoders; allowed: a student pipeline with the "
+                           "teacher's text encoders (SD3.5 Large and Medium share CLIP-L, CLIP-G and T5-XXL), its transformer folder alone (<pipeline>/transformer), or prune:teacher")
+    return specs
 
 # %% ../nbs/02_models.ipynb #12add1c2
 def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
@@ -685,7 +761,8 @@ def load_models(cfg: Config, device=None, cache_dir=None) -> ModelPair:
     dtype = DTYPES[m.dtype]
     if dev.type == "cpu" and dtype == torch.float16:
         raise OpdError("model.dtype", m.dtype, msg="model.dtype='float16' is not supported on CPU; allowed: float32, bfloat16")
-    t_spec, s_spec = parse_spec(m.teacher, "model.teacher"), parse_spec(m.student, "model.student")
+    specs = check_sources(cfg)
+    t_spec, s_spec = specs["teacher"], specs["student"]
     teacher_src = _load_source(t_spec, "model.teacher", "teacher", cfg.seed, dev, dtype, with_vae=True, with_text=True)
     teacher_tr = teacher_src.transformer.eval().requires_grad_(False)
     lora = m.lora_rank > 0

@@ -100,6 +100,8 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
     for s in names + ([force] if force else []):
         if s not in STEPS: raise OpdError("--steps" if s != force else "--force", s, ", ".join(STEPS))
     if notebooks: _check_notebooks(run_dir_for(cfg, out))
+    from opd.models import check_sources
+    check_sources(cfg)                    # a model spec that cannot work fails here, before the run directory is written
     run_dir = prepare_run_dir(cfg, out)
     state = _read_state(run_dir)
     if force: 
