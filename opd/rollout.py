@@ -368,7 +368,7 @@ def build_teacher_dataset(pair, cfg, run_dir, records: list[dict], snapshots: st
 # %% ../nbs/03_rollout.ipynb #7cef6740
 def _teacher_dataset_cli(argv=None):
     from opd.config import config_parser, config_from_args, prepare_run_dir, print_config
-    from opd.models import load_models
+    from opd.models import check_sources, load_models
     from opd.prompts import prompts_for_run
     p = config_parser("opd-build-teacher-dataset", "Sample the teacher for every prompt of a run: PNGs, final latents, trajectory snapshots, manifest (resumable).")
     p.add_argument("--snapshots", default="none", help="trajectory states to keep: none | all | every:K")
@@ -380,6 +380,7 @@ def _teacher_dataset_cli(argv=None):
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     bad = [s for s in splits if s not in ("train", "val", "heldout")]
     if bad or not splits: raise OpdError("--splits", args.splits, "a comma-separated subset of train, val, heldout")
+    check_sources(cfg)                                              # a model spec that cannot work fails before anything is written
     run_dir = prepare_run_dir(cfg, args.out)
     records = [r for r in prompts_for_run(cfg, run_dir) if r.get("split", "train") in splits]
     pair = load_models(cfg, cache_dir=run_dir / "text_cache")

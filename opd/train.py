@@ -408,6 +408,9 @@ def distill(cfg: Config, out=None, resume: str = "auto", progress: bool = True, 
     if resume not in (None, "auto"):                     # a named checkpoint must exist before anything is built or written
         problem = verify_checkpoint(Path(resume)) if Path(resume).is_dir() else "no such checkpoint folder"
         if problem: raise OpdError("--resume", str(resume), msg=f"--resume={str(resume)!r} is unusable: {problem}")
+    if pair is None:
+        from opd.models import check_sources
+        check_sources(cfg)                               # a model spec that cannot work fails here, before the run directory is written
     run_dir = prepare_run_dir(cfg, out)
     tr = DistillTrainer(cfg, run_dir, pair=pair, progress=progress)
     del pair                                             # if the trainer built its own (another device), ours is freed now
