@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import OpdError
+from .rollout import derive_seed
 
 # %% auto #0
 __all__ = ['TINY', 'IMAGE_METRICS', 'SET_METRICS', 'METRIC_NAMES', 'TINY_STAGES', 'INCEPTION_URL', 'HUB_DEFAULTS', 'WEIGHT_KEYS',
@@ -53,7 +54,7 @@ METRIC_INFO = {  # name: (better, what) — the same shape as opd.eval.METRICS
     "hpsv2": ("higher", "HPSv2.1: cos(image, prompt) of the HPSv2.1 open_clip ViT-H-14 (ODE)"),
     "aesthetic": ("higher", "LAION aesthetic predictor (1–10) on the normalised CLIP ViT-L/14 image embedding (ODE)"),
     "fid": ("lower", "FID of the arm's ODE images to the teacher's, Inception-v3 pool features (teacher: the reference, 0 by definition)"),
-    "kid": ("lower", "KID (unbiased MMD², cubic kernel) of the arm's ODE images to the teacher's (teacher: the reference, 0 by definition)"),
+    "kid": ("lower", "KID (MMD² U-statistic, cubic kernel) of the arm's ODE images to the teacher's (teacher: the reference, 0 by definition)"),
 }
 
 def weight_spec(weights: dict, key: str, stage: str) -> str:
@@ -296,7 +297,7 @@ class FeatureExtractor:
         try:
             out = []
             for i in tqdm(range(0, len(images), self.batch), desc="inception", disable=not progress, leave=False):
-                x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images[i:i + self.batch]])
+                x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images[i:i + self.batch]])
                 out.append(self.module(x.to(self.device))[0].double().cpu())
         finally: self.module.to("cpu")
         return torch.cat(out).numpy()
@@ -344,7 +345,8 @@ def load_metrics(metrics: Sequence[str], weights: dict, stage: str, device="cpu"
                 if key == "pickscore_processor" and not weights.get(key) and weight_spec(weights, "pickscore", stage) == TINY: spec = TINY; p = make_stand_in(key, cache_dir)
                 else: p = resolve_weights(m, key, spec, kinds.get(key, "file"))
             paths[key] = p
-            rec.append(dict(metric=m, key=key, spec=spec, path=str(p), sha256=sha256_of(p)))
+            users = "/".join(x for x in metrics if key in WEIGHT_KEYS[x])
+            rec.append(dict(metric=users, key=key, spec=spec, path=str(p), sha256=sha256_of(p)))
     scorers, dev = {}, str(device)
     if "pickscore" in metrics: scorers["pickscore"] = load_pickscore(paths["pickscore"], paths["pickscore_processor"], dev)
     if "hpsv2" in metrics:
@@ -353,7 +355,7 @@ def load_metrics(metrics: Sequence[str], weights: dict, stage: str, device="cpu"
     if "aesthetic" in metrics: scorers["aesthetic"] = load_aesthetic(paths["aesthetic"], paths["aesthetic_clip"], dev)
     sets = tuple(m for m in SET_METRICS if m in metrics)
     inc = load_inception(paths["inception"], dev) if sets else None
-    for s in scorers.values(): s.weights = [r for r in rec if r["metric"] == s.name]
+    for s in scorers.values(): s.weights = [r for r in rec if s.name in r["metric"].split("/")]
     return MetricSuite(scorers, inc, sets, rec)
 
 # %% ../nbs/14_metrics.ipynb #5251b25d
@@ -370,9 +372,9 @@ def fid_from_grams(Gxx, Gyy, Gxy) -> float:
     return float(max(mu + tx + ty - 2 * cross, 0.0))
 
 def kid_from_kernels(Kxx, Kyy, Kxy) -> float:
-    "Unbiased MMD² (torch-fidelity's `mmd2`, mmd_est='unbiased') from kernel matrices; equal set sizes."
+    "MMD² U-statistic (torch-fidelity's `mmd2`, mmd_est='u-statistic') from kernel matrices of two paired, equal-size sets."
     m = len(Kxx)
-    return float((Kxx.sum() - np.trace(Kxx) + Kyy.sum() - np.trace(Kyy)) / (m * (m - 1)) - 2 * Kxy.sum() / (m * m))
+    return float((Kxx.sum() - np.trace(Kxx) + Kyy.sum() - np.trace(Kyy) - 2 * (Kxy.sum() - np.trace(Kxy))) / (m * (m - 1)))
 
 def fid(x: np.ndarray, y: np.ndarray) -> float:
     "FID of two feature sets (n, d) and (m, d)."
@@ -380,7 +382,7 @@ def fid(x: np.ndarray, y: np.ndarray) -> float:
     return fid_from_grams(x @ x.T, y @ y.T, x @ y.T)
 
 def kid(x: np.ndarray, y: np.ndarray) -> float:
-    "KID (unbiased, cubic kernel) of two equal-size feature sets."
+    "KID (unbiased U-statistic, cubic kernel) of two paired, equal-size feature sets."
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     k = lambda a, b: (a @ b.T / x.shape[1] + 1) ** 3
     return kid_from_kernels(k(x, x), k(y, y), k(x, y))
@@ -400,7 +402,7 @@ def gap_from_replicates(teacher: float, before: float, after: float, reps: np.nd
     den = reps[:, 0] - reps[:, 1]
     dlo, dhi = np.quantile(den, [(1 - level) / 2, (1 + level) / 2])
     if dlo <= 0 <= dhi or teacher == before: out["gap_status"] = "no gap to close"; return out
-    g = (reps[:, 2] - reps[:, 1]) / den
+    with np.errstate(divide="ignore", invalid="ignore"): g = (reps[:, 2] - reps[:, 1]) / den
     lo, hi = np.quantile(g, [(1 - level) / 2, (1 + level) / 2])
     out.update(gap_closed=(after - before) / (teacher - before), gap_closed_lo=float(lo), gap_closed_hi=float(hi))
     return out
@@ -459,7 +461,7 @@ def set_metric_summary(suite: MetricSuite, items: Sequence, paths: dict, by: Seq
                 return out
             point = value(ix_all)
             boot = min(n_boot, 200)
-            draws = bootstrap_indices(n, boot, seed + sum(map(ord, metric + repr(g)))) if n > 1 else np.zeros((0, n), int)
+            draws = bootstrap_indices(n, boot, derive_seed(seed, "bootstrap", *g, metric) % 2**32) if n > 1 else np.zeros((0, n), int)
             reps = np.array([value(np.concatenate([by_prompt[pids[j]] for j in dr])) for dr in draws]).reshape(-1, 3)
             row = dict(zip(by, g), metric=metric)
             for a, arm in enumerate(ARMS):
