@@ -25,9 +25,9 @@ from .rollout import derive_seed
 
 # %% auto #0
 __all__ = ['TINY', 'IMAGE_METRICS', 'SET_METRICS', 'METRIC_NAMES', 'TINY_STAGES', 'INCEPTION_URL', 'HUB_DEFAULTS', 'WEIGHT_KEYS',
-           'METRIC_INFO', 'TINY_HPS_ARCH', 'TINY_HPS_CONFIG', 'ARMS', 'GAP_COLUMNS', 'CLIP_H14', 'CLIP_L14',
-           'weight_spec', 'sha256_of', 'resolve_weights', 'stand_in_dir', 'register_tiny_hps', 'AestheticMLP',
-           'TinyInception', 'make_stand_in', 'Scorer', 'load_pickscore', 'load_hpsv2', 'load_aesthetic',
+           'METRIC_INFO', 'TINY_HPS_ARCH', 'TINY_HPS_CONFIG', 'STAND_IN_VERSION', 'ARMS', 'GAP_COLUMNS', 'CLIP_H14',
+           'CLIP_L14', 'weight_spec', 'sha256_of', 'resolve_weights', 'stand_in_dir', 'register_tiny_hps',
+           'AestheticMLP', 'TinyInception', 'make_stand_in', 'Scorer', 'load_pickscore', 'load_hpsv2', 'load_aesthetic',
            'FeatureExtractor', 'load_inception', 'MetricSuite', 'load_metrics', 'fid_from_grams', 'kid_from_kernels',
            'fid', 'kid', 'bootstrap_indices', 'gap_from_replicates', 'gap_closed', 'score_images', 'set_metric_summary',
            'gap_cell', 'gap_headline', 'plot_gap_closed', 'metric_flops', 'metric_cost_table']
@@ -126,9 +126,11 @@ _TINY_CLIP_VISION = dict(image_size=224, patch_size=14, hidden_size=32, intermed
 _CLIP_PROC = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True, resample=3,
                   image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
 
+STAND_IN_VERSION = 1   # bump when a stand-in's definition changes: a new cache folder, no stale weights
+
 def stand_in_dir(cache_dir=None) -> Path:
-    "Where the stand-ins live: `cache_dir`, else `$OPD_METRICS_CACHE`, else `<tmp>/opd-metrics`."
-    return Path(cache_dir or os.environ.get("OPD_METRICS_CACHE") or Path(tempfile.gettempdir()) / "opd-metrics")
+    "Where the stand-ins live: `cache_dir`, else `$OPD_METRICS_CACHE`, else `<tmp>/opd-metrics`; one folder per `STAND_IN_VERSION`."
+    return Path(cache_dir or os.environ.get("OPD_METRICS_CACHE") or Path(tempfile.gettempdir()) / "opd-metrics") / f"v{STAND_IN_VERSION}"
 
 def register_tiny_hps() -> str:
     "Register the tiny ViT-H-14-shaped open_clip architecture; returns its name."
