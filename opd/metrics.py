@@ -6,7 +6,8 @@ Docs: https://opd-dev.github.io/opd/metrics.html.md"""
 
 # %% ../nbs/14_metrics.ipynb #f64b21a1
 from __future__ import annotations
-import hashlib, json, math, os, shutil, tempfile
+import hashlib, json, logging, math, os, shutil, tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,7 +66,7 @@ def weight_spec(weights: dict, key: str, stage: str) -> str:
 
 # %% ../nbs/14_metrics.ipynb #f26a0c6e
 def sha256_of(path) -> str:
-    "sha256 of a file, or of a folder's weight files (sorted names and contents); cached beside nothing, per (path, size, mtime)."
+    "sha256 of a file, or of a folder's weight and config files (sorted names and contents); cached in-process per (path, size, mtime)."
     p = Path(path)
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt"))
     key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
@@ -229,6 +230,14 @@ class Scorer:
             for m in self.modules: m.to("cpu")
         return torch.cat(out).float().cpu().numpy() if out else np.zeros(0)
 
+@contextmanager
+def _quiet():
+    "Silence open_clip's root-logger warnings ('No pretrained weights loaded') for a moment."
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try: yield
+    finally: logging.disable(prev)
+
 def _features(out) -> torch.Tensor:
     "transformers 5 returns a model output from get_*_features, 4.x a tensor."
     return out.pooler_output if hasattr(out, "pooler_output") else out
@@ -252,10 +261,7 @@ def load_pickscore(model_path, processor_path, device="cpu", batch: int = 16) ->
 def load_hpsv2(path, arch: str = "ViT-H-14", device="cpu", batch: int = 16) -> Scorer:
     "HPSv2.1 from a local HPS checkpoint (`{'state_dict': ...}`) on open_clip `arch`."
     import open_clip
-    logging_off = __import__("logging").disable
-    logging_off(30)
-    try: model = open_clip.create_model(arch, pretrained=None)
-    finally: logging_off(0)
+    with _quiet(): model = open_clip.create_model(arch, pretrained=None)
     ck = torch.load(str(path), map_location="cpu", weights_only=False)
     model.load_state_dict(ck.get("state_dict", ck) if isinstance(ck, dict) else ck)
     model.eval()
@@ -342,10 +348,9 @@ def load_metrics(metrics: Sequence[str], weights: dict, stage: str, device="cpu"
         for key in WEIGHT_KEYS[m]:
             if key in paths: continue
             spec = weight_spec(weights, key, stage)
-            if spec == TINY: p = make_stand_in(key, cache_dir)
-            else:
-                if key == "pickscore_processor" and not weights.get(key) and weight_spec(weights, "pickscore", stage) == TINY: spec = TINY; p = make_stand_in(key, cache_dir)
-                else: p = resolve_weights(m, key, spec, kinds.get(key, "file"))
+            if key == "pickscore_processor" and not weights.get(key) and weight_spec(weights, "pickscore", stage) == TINY:
+                spec = TINY                                   # a tiny model goes with its own processor
+            p = make_stand_in(key, cache_dir) if spec == TINY else resolve_weights(m, key, spec, kinds.get(key, "file"))
             paths[key] = p
             users = "/".join(x for x in metrics if key in WEIGHT_KEYS[x])
             rec.append(dict(metric=users, key=key, spec=spec, path=str(p), sha256=sha256_of(p)))
@@ -547,15 +552,13 @@ def metric_flops() -> dict:
             return f
         out["pickscore"] = clip_flops(CLIP_H14, True)
         out["aesthetic"] = clip_flops(CLIP_L14, False) + _count(lambda: AestheticMLP()(torch.zeros(1, 768)))
-        import logging; logging.disable(30)
-        try: hps = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
-        finally: logging.disable(0)
+        with _quiet(): hps = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
         out["hpsv2"] = _count(lambda: hps.encode_image(torch.zeros(1, 3, 224, 224))) + _count(lambda: hps.encode_text(torch.zeros(1, 77, dtype=torch.long)))
         import torchvision
         inc = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
         out["fid/kid"] = _count(lambda: inc(torch.zeros(1, 3, 299, 299)))
     return out
 
-def metric_cost_table(flops: dict, tflops: float = 100.0) -> pd.DataFrame:
+def metric_cost_table(flops: dict, tflops: float = 30.0) -> pd.DataFrame:
     "GFLOPs per image and estimated GPU seconds per 100 images at `tflops` effective TFLOP/s."
     return pd.DataFrame([dict(metric=k, gflops_per_image=v / 1e9, gpu_s_per_100_images=100 * v / (tflops * 1e12)) for k, v in flops.items()])

@@ -57,7 +57,8 @@ def test_scorers_from_local_paths(stand_ins, tmp_path):
     suite = load_metrics(["pickscore", "aesthetic", "fid", "kid"], {k: v for k, v in paths.items() if k != "hpsv2"}, "final")
     assert [w["spec"] for w in suite.weights] == [w["path"] for w in suite.weights]   # local paths, recorded with sha256
     assert all(len(w["sha256"]) == 64 for w in suite.weights)
-    proc = __import__("transformers").AutoProcessor.from_pretrained(paths["pickscore_processor"])
+    from transformers import AutoProcessor
+    proc = AutoProcessor.from_pretrained(paths["pickscore_processor"])
     rng = np.random.default_rng(0)
     ims = [Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(5)]
     assert tuple(proc(images=ims[:1], return_tensors="pt")["pixel_values"].shape) == (1, 3, 224, 224)   # the real input size
