@@ -83,10 +83,10 @@ _SHA_CACHE = {}
 class _Unavailable(Exception): pass
 
 def _fetch(spec: str, kind: str) -> Path:
-    "Local path of `spec` (kind 'dir': a transformers folder; 'file': one file); `_Unavailable` with the reason otherwise."
+    "Local path of `spec` (kind 'dir': a transformers model folder; 'processor': its config files only; 'file': one file); `_Unavailable` with the reason otherwise."
     p = Path(spec).expanduser()
     if p.exists():
-        if kind == "dir" and not p.is_dir(): raise _Unavailable(f"{p} is a file, a model folder is needed")
+        if kind in ("dir", "processor") and not p.is_dir(): raise _Unavailable(f"{p} is a file, a model folder is needed")
         if kind == "file" and not p.is_file(): raise _Unavailable(f"{p} is a folder, a weights file is needed")
         return p.resolve()
     if spec.startswith(("http://", "https://")):
@@ -99,7 +99,12 @@ def _fetch(spec: str, kind: str) -> Path:
     if len(parts) < 2 or spec.startswith((".", "/", "~")): raise _Unavailable("no such local path")
     import huggingface_hub as hh
     try:
-        if kind == "dir": return Path(hh.snapshot_download("/".join(parts[:2]), allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+        repo = "/".join(parts[:2])
+        if kind == "processor": return Path(hh.snapshot_download(repo, allow_patterns=["*.json", "*.txt"]))   # no weights needed
+        if kind == "dir":
+            d = Path(hh.snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+            if not any(d.glob("*.safetensors")): d = Path(hh.snapshot_download(repo, allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"]))
+            return d
         if len(parts) < 3: raise _Unavailable("a hub file is named owner/repo/file")
         return Path(hh.hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
     except _Unavailable: raise
@@ -343,7 +348,7 @@ def load_metrics(metrics: Sequence[str], weights: dict, stage: str, device="cpu"
         if k not in HUB_DEFAULTS and k not in METRIC_NAMES:
             raise OpdError(f"eval.weights.{k}", weights[k], ", ".join(sorted(set(HUB_DEFAULTS) | set(METRIC_NAMES))) + " (as keys)")
     paths, rec = {}, []
-    kinds = {"pickscore": "dir", "pickscore_processor": "dir", "aesthetic_clip": "dir"}
+    kinds = {"pickscore": "dir", "pickscore_processor": "processor", "aesthetic_clip": "dir"}
     for m in metrics:
         for key in WEIGHT_KEYS[m]:
             if key in paths: continue
