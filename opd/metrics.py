@@ -448,43 +448,43 @@ def score_images(suite: MetricSuite, items: Sequence, paths: dict, progress: boo
             rows += [dict({k: getattr(it, k) for k in _ROW}, arm=arm, metric=name, value=float(x)) for it, x in zip(items, v)]
     return pd.DataFrame(rows, columns=list(_ROW) + ["arm", "metric", "value"])
 
-# %% ../nbs/14_metrics.ipynb #14164657
+# %% ../nbs/14_metrics.ipynb #cdbffac4
+def _set_values(metric: str, grams: dict, sel: np.ndarray, d: int) -> list:
+    "[teacher (0: the reference itself), before, after] of `metric` on samples `sel` of a group, from its Gram matrices."
+    if len(sel) < 2: return [0.0, float("nan"), float("nan")]
+    s = np.ix_(sel, sel)
+    out, Gtt = [0.0], grams["teacher"][s]
+    k = lambda G: (G / d + 1) ** 3                                   # the cubic kernel from inner products
+    for arm in ARMS[1:]:
+        Gxx, Gxt = grams[arm][s], grams[f"{arm}_teacher"][s]
+        out.append(fid_from_grams(Gxx, Gtt, Gxt) if metric == "fid" else kid_from_kernels(k(Gxx), k(Gtt), k(Gxt)))
+    return out
+
 def set_metric_summary(suite: MetricSuite, items: Sequence, paths: dict, by: Sequence[str] = ("split",), n_boot: int = 1000,
                        seed: int = 0, feats: Optional[dict] = None, progress: bool = False) -> tuple[pd.DataFrame, dict]:
     "FID/KID per group of `by` with bootstrap CIs over prompts; returns (rows, features per arm) — pass `feats` back to reuse them."
     if not suite.set_metrics: return pd.DataFrame(), feats or {}
     feats = feats or {arm: suite.inception.features(_load_images(paths[arm]), progress) for arm in ARMS}
-    d = feats["teacher"].shape[1]
-    rows = []
-    groups = {}
+    d, rows, groups = feats["teacher"].shape[1], [], {}
     for i, it in enumerate(items): groups.setdefault(tuple(getattr(it, k) for k in by), {}).setdefault(it.prompt_id, []).append(i)
     for g, by_prompt in groups.items():
         pids = list(by_prompt)
-        n = len(pids)
-        ix_all = np.concatenate([by_prompt[p] for p in pids])
+        n, ix = len(pids), np.concatenate([by_prompt[p] for p in pids])
+        local, at = [], 0                                            # each prompt's rows within the group
+        for p in pids: local.append(np.arange(at, at + len(by_prompt[p]))); at += len(by_prompt[p])
+        f = {arm: feats[arm][ix] for arm in ARMS}
+        grams = {"teacher": f["teacher"] @ f["teacher"].T}
+        for arm in ARMS[1:]: grams[arm], grams[f"{arm}_teacher"] = f[arm] @ f[arm].T, f[arm] @ f["teacher"].T
         for metric in suite.set_metrics:
-            def value(sel):
-                t = feats["teacher"][sel]
-                out = [0.0]                               # the teacher against itself: 0 by definition
-                for arm in ARMS[1:]:
-                    x = feats[arm][sel]
-                    if metric == "fid": out.append(fid(x, t) if len(sel) > 1 else float("nan"))
-                    else: out.append(kid(x, t) if len(sel) > 1 else float("nan"))
-                return out
-            point = value(ix_all)
-            boot = min(n_boot, 200)
-            draws = bootstrap_indices(n, boot, derive_seed(seed, "bootstrap", *g, metric) % 2**32) if n > 1 else np.zeros((0, n), int)
-            reps = np.array([value(np.concatenate([by_prompt[pids[j]] for j in dr])) for dr in draws]).reshape(-1, 3)
+            point = _set_values(metric, grams, np.arange(len(ix)), d)
+            draws = bootstrap_indices(n, min(n_boot, 200), derive_seed(seed, "bootstrap", *g, metric) % 2**32) if n > 1 else np.zeros((0, n), int)
+            reps = np.array([_set_values(metric, grams, np.concatenate([local[j] for j in dr]), d) for dr in draws]).reshape(-1, 3)
+            q = lambda v: tuple(map(float, np.quantile(v, [0.025, 0.975]))) if len(v) else (float("nan"),) * 2
             row = dict(zip(by, g), metric=metric)
-            for a, arm in enumerate(ARMS):
-                lo, hi = np.quantile(reps[:, a], [0.025, 0.975]) if len(reps) else (float("nan"),) * 2
-                row[arm], row[f"{arm}_lo"], row[f"{arm}_hi"] = point[a], float(lo), float(hi)
-            dl = reps[:, 2] - reps[:, 1]
-            row["delta"] = point[2] - point[1]
-            row["delta_lo"], row["delta_hi"] = (tuple(map(float, np.quantile(dl, [0.025, 0.975]))) if len(dl) else (float("nan"),) * 2)
+            for a, arm in enumerate(ARMS): row[arm], (row[f"{arm}_lo"], row[f"{arm}_hi"]) = point[a], q(reps[:, a])
+            row["delta"], (row["delta_lo"], row["delta_hi"]) = point[2] - point[1], q(reps[:, 2] - reps[:, 1])
             row["rel_change"] = row["delta"] / point[1] if point[1] else float("nan")
-            row.update(n_prompts=n, n_samples=len(ix_all), better="lower")
-            row.update(gap_from_replicates(*point, reps))
+            row.update(n_prompts=n, n_samples=len(ix), better="lower", **gap_from_replicates(*point, reps))
             rows.append(row)
     return pd.DataFrame(rows), feats
 
