@@ -399,7 +399,7 @@ def kid(x: np.ndarray, y: np.ndarray) -> float:
     k = lambda a, b: (a @ b.T / x.shape[1] + 1) ** 3
     return kid_from_kernels(k(x, x), k(y, y), k(x, y))
 
-# %% ../nbs/14_metrics.ipynb #c6ec1b67
+# %% ../nbs/14_metrics.ipynb #29aff2cb
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     "(n_boot, n) prompt indices drawn with replacement — `opd.eval.bootstrap_ci`'s resampling, shared by every arm."
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
@@ -430,7 +430,7 @@ def gap_closed(teacher, before, after, n_boot: int = 1000, seed: int = 0) -> dic
     reps = np.stack([t[ix].mean(1), b[ix].mean(1), a[ix].mean(1)], 1)
     return gap_from_replicates(float(t.mean()), float(b.mean()), float(a.mean()), reps)
 
-# %% ../nbs/14_metrics.ipynb #b08b8054
+# %% ../nbs/14_metrics.ipynb #fabcf51c
 ARMS = ("teacher", "before", "after")
 _ROW = ("split", "category", "prompt_id", "seed")
 
@@ -448,7 +448,7 @@ def score_images(suite: MetricSuite, items: Sequence, paths: dict, progress: boo
             rows += [dict({k: getattr(it, k) for k in _ROW}, arm=arm, metric=name, value=float(x)) for it, x in zip(items, v)]
     return pd.DataFrame(rows, columns=list(_ROW) + ["arm", "metric", "value"])
 
-# %% ../nbs/14_metrics.ipynb #cdbffac4
+# %% ../nbs/14_metrics.ipynb #4a3a79b4
 def _set_values(metric: str, grams: dict, sel: np.ndarray, d: int) -> list:
     "[teacher (0: the reference itself), before, after] of `metric` on samples `sel` of a group, from its Gram matrices."
     if len(sel) < 2: return [0.0, float("nan"), float("nan")]
@@ -488,7 +488,7 @@ def set_metric_summary(suite: MetricSuite, items: Sequence, paths: dict, by: Seq
             rows.append(row)
     return pd.DataFrame(rows), feats
 
-# %% ../nbs/14_metrics.ipynb #2558db0f
+# %% ../nbs/14_metrics.ipynb #3d1fba1a
 GAP_COLUMNS = ["gap_closed", "gap_closed_lo", "gap_closed_hi", "gap_status"]
 
 def _g(x) -> str: return f"{x:.3g}" if isinstance(x, float) and math.isfinite(x) else "–"
@@ -533,7 +533,7 @@ def plot_gap_closed(summary: pd.DataFrame, path) -> Optional[Path]:
     fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
     return Path(path)
 
-# %% ../nbs/14_metrics.ipynb #838c36b4
+# %% ../nbs/14_metrics.ipynb #f3900e8f
 CLIP_H14 = dict(text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=77, vocab_size=49408),
                 vision=dict(image_size=224, patch_size=14, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16), projection_dim=1024)
 CLIP_L14 = dict(text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77, vocab_size=49408),
