@@ -127,6 +127,8 @@ class EvalConfig(_Group):
     clip_model: str = Field("tiny-random", description="open_clip model name (`tiny-random` = a tiny random CLIP for the tiny stage)")
     clip_weights: Optional[str] = Field(None, description="local open_clip weights file (offline-safe)")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for 95% CIs")
+    metrics: list[str] = Field(default_factory=list, description="optional write-up metrics (opd.metrics): pickscore, hpsv2, aesthetic, fid, kid")
+    weights: dict[str, str] = Field(default_factory=dict, description="weights per metric key (pickscore, pickscore_processor, hpsv2, aesthetic, aesthetic_clip, inception/fid/kid): local path, hub id or tiny-random; unset: the tiny stand-ins on the tiny/toy stages, the published weights elsewhere")
 
 # %% ../nbs/00_config.ipynb #f620bddd
 class QualtricsConfig(_Group):

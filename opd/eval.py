@@ -31,9 +31,14 @@ __all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'METRICS', 'ARMS',
            'SAMPLE_COLUMNS', 'image_mse', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance', 'CI',
            'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer', 'load_clip', 'EvalItem',
            'pick_prompts', 'eval_items', 'Checkpoint', 'resolve_ckpt', 'load_student_weights', 'ArmOutputs',
-           'image_name', 'image_relpath', 'run_arm', 'per_sample_table', 'summarize', 'kl_per_step_table',
-           'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars', 'markdown_table', 'headline',
-           'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main', 'eval_forwards', 'eval_cost']
+           'image_name', 'image_relpath', 'run_arm', 'per_sample_table', 'summarize', 'add_metric_rows',
+           'with_set_metrics', 'kl_per_step_table', 'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars',
+           'markdown_table', 'headline', 'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main',
+           'eval_forwards', 'eval_cost']
+
+# %% ../nbs/06_eval.ipynb #7b015fc2
+from .metrics import (GAP_COLUMNS, METRIC_INFO, gap_cell, gap_closed, gap_headline, load_metrics, plot_gap_closed,
+                         score_images, set_metric_summary)  # the optional write-up metrics (eval.metrics), chapter 14
 
 # %% ../nbs/06_eval.ipynb #1896ca01
 def image_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -419,9 +424,12 @@ def per_sample_table(items: list[EvalItem], outs: dict[str, ArmOutputs], txt_emb
     df["seed"] = pd.array([r["seed"] for r in rows], dtype="Int64")          # exact 63-bit seeds (a float column would round them)
     return df
 
+# %% ../nbs/06_eval.ipynb #2c7de640
+METRICS.update(METRIC_INFO)   # pickscore, hpsv2, aesthetic, fid, kid: computed only when named in eval.metrics
+
 # %% ../nbs/06_eval.ipynb #be96f5d6
 SUMMARY_COLUMNS = ["split", "metric", "before", "after", "delta", "before_lo", "before_hi", "after_lo", "after_hi", "delta_lo", "delta_hi",
-                   "rel_change", "teacher", "teacher_lo", "teacher_hi", "n_prompts", "n_samples", "better", "verdict"]
+                   "rel_change", "teacher", "teacher_lo", "teacher_hi", "n_prompts", "n_samples", "better", "verdict", *GAP_COLUMNS]
 
 def _verdict(better: str, row: dict) -> str:
     b, a, lo, hi, t = (row.get(k, float("nan")) for k in ("before", "after", "delta_lo", "delta_hi", "teacher"))
@@ -461,11 +469,34 @@ def summarize(per_sample: pd.DataFrame, by: Sequence[str] = ("split",), n_boot: 
         row["n_samples"] = int((mask & (per_sample["arm"] == ("after" if "after" in wide else wide.columns[0]))).sum())
         better = METRICS.get(metric, ("lower", ""))[0]
         row["better"], row["verdict"] = better, _verdict(better, row)
+        row.update(gap_closed(*(wide[a] if a in wide else np.full(len(wide), np.nan) for a in ARMS), n_boot, bs))  # same draws as the CIs
         rows.append(row)
     out = pd.DataFrame(rows)
     out["_o"] = out["metric"].map(order).fillna(99)
     out = out.sort_values(list(by) + ["_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
     return out[list(by) + SUMMARY_COLUMNS[1:]]
+
+# %% ../nbs/06_eval.ipynb #51edf95b
+def add_metric_rows(suite, items: list[EvalItem], eval_dir, per_sample: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+                    progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    "Score the arms' ODE PNGs under `eval_dir` with `suite` (`opd.metrics.MetricSuite`, or None): per-sample rows appended, FID/KID rows per grouping."
+    if suite is None: return per_sample, {}
+    paths = {a: [Path(eval_dir) / image_name(it, a) for it in items] for a in ARMS}
+    scored = score_images(suite, items, paths, progress)
+    if not scored.empty: per_sample = pd.concat([per_sample, scored.astype({"seed": "Int64"})], ignore_index=True)
+    sets, feats = {}, None
+    for by in (("split",), ("split", "category")):
+        sets[by], feats = set_metric_summary(suite, items, paths, by, n_boot, seed, feats, progress)
+    return per_sample, sets
+
+def with_set_metrics(summary: pd.DataFrame, sets: dict, by: Sequence[str]) -> pd.DataFrame:
+    "`summary` with the FID/KID rows of grouping `by` appended (verdicts as for every metric)."
+    rows = sets.get(tuple(by))
+    if rows is None or rows.empty: return summary
+    rows = rows.assign(verdict=[_verdict(r["better"], r) for r in rows.to_dict("records")])
+    out = pd.concat([summary, rows[list(by) + SUMMARY_COLUMNS[1:]]], ignore_index=True)
+    out["_o"] = out["metric"].map({m: i for i, m in enumerate(METRICS)}).fillna(99)    # summarize's order: by group, then METRICS
+    return out.sort_values(list(by) + ["_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 # %% ../nbs/06_eval.ipynb #88a9ea3f
 def kl_per_step_table(items: list[EvalItem], outs: dict[str, ArmOutputs], sigmas: Tensor, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -570,7 +601,7 @@ def _pretty(summary: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     for _, r in summary.iterrows():
         r = r.to_dict()
         rows.append({**{k: r[k] for k in by}, "metric": r["metric"], "teacher": _ci_cell(r, "teacher"), "before": _ci_cell(r, "before"),
-                     "after": _ci_cell(r, "after"), "delta": _ci_cell(r, "delta"), "n": r["n_prompts"], "verdict": r["verdict"]})
+                     "after": _ci_cell(r, "after"), "delta": _ci_cell(r, "delta"), "gap closed": gap_cell(r), "n": r["n_prompts"], "verdict": r["verdict"]})
     return pd.DataFrame(rows)
 
 def headline(summary: pd.DataFrame, split: str = "heldout", metric: str = "final_latent_mse") -> Optional[dict]:
@@ -602,16 +633,18 @@ def write_summary_md(path, summary: pd.DataFrame, by_cat: pd.DataFrame, info: di
          f"- prompts: {info['n_prompts']} ({', '.join(f'{k}: {v}' for k, v in info['prompts_per_split'].items())}), "
          f"{info['n_samples']} samples per arm; CLIP: `{info['clip']}`; bootstrap: {info['bootstrap']} resamples over prompts",
          f"- time: {info['seconds']:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in info['arm_seconds'].items())}) on {info['device']}", "",
-         "## Headline", "", headline_text(h), "", f"Acceptance check (held-out MSE improves after distillation): {acc}", "",
+         "## Headline", "", *([gap_headline(summary), ""] if gap_headline(summary) else []), headline_text(h), "", f"Acceptance check (held-out MSE improves after distillation): {acc}", "",
          "## Summary per split", "", "Mean over prompts [95% bootstrap CI]; delta = after − before, paired by prompt and seed.", "",
-         markdown_table(_pretty(summary, ["split"]), ["split", "metric", "teacher", "before", "after", "delta", "n", "verdict"]), "",
+         markdown_table(_pretty(summary, ["split"]), ["split", "metric", "teacher", "before", "after", "delta", "gap closed", "n", "verdict"]), "",
          "## Per category", "", f"Key metrics; every metric is in `summary_by_category.csv`.", "",
          markdown_table(_pretty(by_cat[by_cat.metric.isin(CATEGORY_MD_METRICS)], ["split", "category"]),
                         ["split", "category", "metric", "before", "after", "delta", "n", "verdict"]), ""]
     if info.get("checks"):
         L += ["## Consistency checks", ""] + [f"- {c}" for c in info["checks"]] + [""]
     L += ["## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items() if v] + [""]
-    L += ["## Metrics", ""] + [f"- `{m}` ({b} is better): {w}" for m, (b, w) in METRICS.items()] + [""]
+    L += ["## Metrics", ""] + [f"- `{m}` ({b} is better): {w}" for m, (b, w) in METRICS.items() if m in set(summary.metric)] + [""]
+    if info.get("metric_weights"):
+        L += ["## Metric weights", ""] + [f"- {w['metric']}: `{w['key']}` = `{w['spec']}` → `{w['path']}` (sha256 `{w['sha256']}`)" for w in info["metric_weights"]] + [""]
     L += ["## Files", ""] + [f"- `{f}`" for f in files] + [""]
     Path(path).write_text("\n".join(L))
     return Path(path)
@@ -664,6 +697,7 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
     ec = cfg.eval
     dev = resolve_device(device if device is not None else cfg.model.device)
     clip = load_clip(ec, dev, cfg.seed)                                           # validates eval.clip_* before any work
+    suite = load_metrics(ec.metrics, ec.weights, cfg.stage, dev) if ec.metrics else None   # eval.metrics/weights, before any work
     records = _read_run_prompts(cfg, ck.run_dir)
     items = eval_items(records, cfg)
     note = _config_note(cfg, ck.run_dir)
@@ -703,8 +737,9 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
         txt = clip.embed_texts(prompts)[emb_index] if clip is not None else None
 
         per_sample = per_sample_table(items, outs, txt, kl_steps)
-        summary = summarize(per_sample, ("split",), ec.bootstrap, cfg.seed)
-        by_cat = summarize(per_sample, ("split", "category"), ec.bootstrap, cfg.seed)
+        per_sample, sets = add_metric_rows(suite, items, tmp, per_sample, ec.bootstrap, cfg.seed, progress)
+        summary = with_set_metrics(summarize(per_sample, ("split",), ec.bootstrap, cfg.seed), sets, ("split",))
+        by_cat = with_set_metrics(summarize(per_sample, ("split", "category"), ec.bootstrap, cfg.seed), sets, ("split", "category"))
         kl = kl_per_step_table(items, outs, engine.sigmas, ec.bootstrap, cfg.seed)
 
         with open(tmp / "samples.csv", "w", newline="") as f:
@@ -717,7 +752,8 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
         kl.to_csv(tmp / "kl_per_step.csv", index=False)
         plots = {"training curves": plot_training_curves(ck.run_dir / "metrics.jsonl", tmp / "training_curves.png"),
                  "per-step KL": plot_kl_per_step(kl, tmp / "kl_per_step.png", cfg.distill.skip_last_steps),
-                 "metrics": plot_metric_bars(summary, tmp / "metrics.png")}
+                 "metrics": plot_metric_bars(summary, tmp / "metrics.png"),
+                 "gap closed": plot_gap_closed(summary, tmp / "gap_closed.png")}
         seconds = time.perf_counter() - t_start
         info = dict(run_id=json.loads((ck.run_dir / "run.json").read_text()).get("run_id", run_id(cfg)) if (ck.run_dir / "run.json").is_file() else run_id(cfg),
                     ckpt=str(ck.path), ckpt_label=ck.label, weights=weights, stage=cfg.stage, config_hash=config_hash(cfg), config_note=note,
@@ -725,7 +761,8 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
                     n_prompts=len({(it.split, it.prompt_id) for it in items}),
                     prompts_per_split={s: len({it.prompt_id for it in items if it.split == s}) for s in dict.fromkeys(it.split for it in items)},
                     n_samples=len(items), clip=clip.name if clip else "none", bootstrap=ec.bootstrap, seconds=seconds,
-                    arm_seconds={a: o.seconds for a, o in outs.items()}, device=str(dev), checks=checks)
+                    arm_seconds={a: o.seconds for a, o in outs.items()}, device=str(dev), checks=checks,
+                    metric_weights=suite.weights if suite else [])
         import yaml
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         h = headline(summary)

@@ -118,3 +118,39 @@ def test_grids(tiny_run):
     assert len(held) == -(-n_units // 4)
     assert Image.open(held[0]).size == grid_size(4, 3, cell=64)
     assert all("grid" in p.name and p.parent == d / "eval" for p in paths)
+
+
+WRITE_UP = ["pickscore", "hpsv2", "aesthetic", "fid", "kid"]
+
+def test_write_up_metrics_offline(tiny_run, tmp_path):
+    "Issue 15: `opd-eval --ckpt RUN --out NEW --set eval.metrics=[...]` on the run's own config, offline, with the tiny stand-ins."
+    d, _ = tiny_run
+    new = tmp_path / "new"
+    # weights that cannot be had: one line naming the metric and how to provide them, before any sampling (nothing written)
+    bad = run("opd-eval", "--ckpt", str(d), "--out", str(new), "--no-progress", "--set", "eval.metrics=[hpsv2]",
+              "--set", "eval.weights.hpsv2=/nowhere/HPS_v2.1_compressed.pt")
+    err = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+    assert bad.returncode == 2 and len(err) == 1 and "eval.weights.hpsv2" in err[0] and "hpsv2" in err[0], bad.stderr
+    assert not new.exists()
+    r = run("opd-eval", "--ckpt", str(d), "--out", str(new), "--no-progress", "--set", f"eval.metrics=[{','.join(WRITE_UP)}]",
+            "--set", "eval.n_prompts=4")                                        # 4 prompts per split, 2 seeds: 16 images per arm
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = new / "eval"
+    s = pd.read_csv(ev / "summary.csv")
+    assert set(WRITE_UP) <= set(s.metric) and {"gap_closed", "gap_closed_lo", "gap_closed_hi", "gap_status"} <= set(s.columns)
+    for m in WRITE_UP:                                                          # every arm and split has a value
+        rows = s[s.metric == m]
+        assert set(rows.split) == {"val", "heldout"} and np.isfinite(rows[["teacher", "before", "after"]].to_numpy()).all(), m
+    assert (s.loc[s.metric.isin(["fid", "kid"]), "teacher"] == 0).all()           # the teacher is the reference
+    g = s[s.metric.isin(WRITE_UP)]
+    assert (np.isfinite(g.gap_closed) | g.gap_status.isin(["no gap to close"])).all()   # a number, or the reason there is none
+    assert set(WRITE_UP) <= set(pd.read_csv(ev / "summary_by_category.csv").metric)
+    ps = pd.read_csv(ev / "per_sample.csv")
+    assert (ps[ps.metric == "pickscore"].groupby("arm").size() == 16).all() and set(ps[ps.metric == "hpsv2"].arm) == {"teacher", "before", "after"}
+    md = (ev / "summary.md").read_text()
+    head = md.split("## Headline", 1)[1].split("\n\n")[1]
+    assert head.startswith("heldout: share of the teacher–student gap closed") and all(m in head for m in WRITE_UP)
+    assert (ev / "gap_closed.png").is_file() and "## Metric weights" in md
+    w = __import__("json").loads((ev / "eval.json").read_text())["metric_weights"]
+    assert {x["key"] for x in w} == {"pickscore", "pickscore_processor", "hpsv2", "aesthetic", "aesthetic_clip", "inception"}
+    assert all(x["spec"] == "tiny-random" and len(x["sha256"]) == 64 for x in w)
