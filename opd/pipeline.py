@@ -14,10 +14,11 @@ import pandas as pd
 
 from .config import (DISTILL_MODES, Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config,
                         project_root, run_dir_for, write_atomic)
+from .config import eval_key, latest_dir
 
 # %% auto #0
-__all__ = ['STEPS', 'STEP_FILES', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'step_outputs', 'run_pipeline', 'headline',
-           'nbs_dir', 'job_cells', 'run_notebook', 'run_ablation', 'plot_ablation', 'main']
+__all__ = ['STEPS', 'STEP_FILES', 'STEP_KEYS', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'step_outputs', 'run_pipeline',
+           'headline', 'nbs_dir', 'job_cells', 'run_notebook', 'run_ablation', 'plot_ablation', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #144f9a33
 def _records(cfg, run_dir, ctx):
@@ -66,11 +67,20 @@ STEPS: dict[str, Callable] = {"prompts": _prompts, "text_cache": _text_cache, "t
                               "distill": _distill, "eval": _eval, "grids": _grids, "survey": _survey}
 
 # what each step leaves in the run directory (globs): checked after the step, whichever way it ran, and recorded as its outputs
+# ({eval}, {survey}: the run's latest evaluation / survey folder, see `latest_dir`)
 STEP_FILES = {"prompts": ["prompts.jsonl", "prompts_manifest.json"], "text_cache": ["text_cache"],
               "teacher_dataset": ["teacher_dataset/manifest.jsonl"], "distill": ["metrics.csv", "train_summary.json", "student"],
-              "eval": ["eval/summary.csv", "eval/summary.md", "eval/samples.csv"], "grids": ["eval/grid_*.png"],
-              "survey": ["survey/survey.csv", "survey/private/key.csv", "survey/private/manifest.json",
-                         "survey/public/qualtrics_survey.txt", "survey/public/images"]}
+              "eval": ["{eval}/summary.csv", "{eval}/summary.md", "{eval}/samples.csv"], "grids": ["{eval}/grid_*.png"],
+              "survey": ["{survey}/survey.csv", "{survey}/private/key.csv", "{survey}/private/manifest.json",
+                         "{survey}/public/qualtrics_survey.txt", "{survey}/public/images"]}
+
+def _survey_key(cfg, run_dir):
+    from opd.qualtrics import survey_key
+    return survey_key(run_dir, cfg.qualtrics, cfg.seed)
+
+# the key of a step's settings (None: the step has none beyond the run's); a changed key re-runs the step
+STEP_KEYS: dict[str, Callable] = {"eval": lambda cfg, run_dir: eval_key(cfg), "grids": lambda cfg, run_dir: latest_dir(run_dir).name,
+                                  "survey": _survey_key}
 
 # a step that only makes sense when a config switch is on; otherwise it is recorded as done, with nothing written
 STEP_NEEDS = {"text_cache": "model.text_cache"}
@@ -81,7 +91,8 @@ def _needed(name: str, cfg: Config) -> bool:
 
 def step_outputs(name: str, run_dir: Path, ran: str = "") -> list[Path]:
     "The files step `name` wrote (its `STEP_FILES`); a one-line error naming what is missing."
-    files = {pat: sorted(Path(run_dir).glob(pat)) for pat in STEP_FILES[name]}
+    where = {k: latest_dir(run_dir, k).relative_to(run_dir).as_posix() for k in ("eval", "survey")}
+    files = {pat: sorted(Path(run_dir).glob(pat.format(**where))) for pat in STEP_FILES[name]}
     missing = [pat for pat, found in files.items() if not found]
     if missing: raise OpdError(name, msg=f"step {name!r} ran but wrote no {', '.join(missing)} in {run_dir}{ran}")
     return [p for found in files.values() for p in found]
@@ -106,8 +117,11 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
         for s in list(STEPS)[list(STEPS).index(force):]: state["steps"].pop(s, None)
     ctx = dict(progress=progress, log=log)
     for name in names:
-        if state["steps"].get(name, {}).get("done"):
+        key = STEP_KEYS[name](cfg, run_dir) if name in STEP_KEYS else None
+        st = state["steps"].get(name, {})
+        if st.get("done") and st.get("key", key) == key:      # no recorded key: a step of a run from before keys, done
             log(f"[{name}] done already, skipped"); continue
+        if st.get("done"): log(f"[{name}] settings changed ({st.get('key')} → {key}): runs again")
         if not _needed(name, cfg):
             log(f"[{name}] not needed ({STEP_NEEDS[name]}=false)")
             state["steps"][name] = dict(done=True, seconds=0.0, outputs=[]); _write_state(run_dir, state); continue
@@ -120,17 +134,18 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
             STEPS[name](cfg, run_dir, ctx)
             paths = step_outputs(name, run_dir)
         state["steps"][name] = dict(done=True, seconds=round(time.perf_counter() - t0, 2), outputs=[str(p) for p in paths])
+        if name in STEP_KEYS: state["steps"][name]["key"] = STEP_KEYS[name](cfg, run_dir)
         _write_state(run_dir, state)
     state["run_dir"] = str(run_dir)
     state["headline"] = headline(run_dir)
     return state
 
 def headline(run_dir: Path) -> dict:
-    "Held-out numbers of a finished run: final-latent MSE to the teacher before → after (from eval/), training summary."
+    "Held-out numbers of a finished run: final-latent MSE to the teacher before → after (from its latest evaluation), training summary."
     out = {}
     ts = run_dir / "train_summary.json"
     if ts.is_file(): out["train"] = {k: v for k, v in json.loads(ts.read_text()).items() if k.startswith("heldout") or k == "steps"}
-    ev = run_dir / "eval" / "eval.json"
+    ev = latest_dir(run_dir) / "eval.json"
     if ev.is_file(): out["eval"] = json.loads(ev.read_text()).get("headline")
     return out
 
@@ -197,9 +212,8 @@ def run_ablation(cfg: Config, run_dir, modes: Sequence[str] = ABLATION_MODES, pr
         t0 = time.perf_counter()
         s = distill(c, d, resume="auto", progress=progress)
         t_train = time.perf_counter() - t0
-        ev = d / "eval" / "summary.csv"
-        if not ev.is_file(): evaluate(c, d, progress=progress)
-        summ = pd.read_csv(ev)
+        if not (latest_dir(d) / "summary.csv").is_file(): evaluate(c, d, progress=progress)
+        summ = pd.read_csv(latest_dir(d) / "summary.csv")
         for split in summ.split.unique():
             for metric in ("final_latent_mse", "kl_on_policy"):
                 r = summ[(summ.split == split) & (summ.metric == metric)]
