@@ -105,12 +105,15 @@ def _read_state(run_dir: Path) -> dict:
 def _write_state(run_dir: Path, state: dict): write_atomic(run_dir / "pipeline.json", json.dumps(state, indent=2))
 
 def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, force: Optional[str] = None,
-                 progress: bool = True, log=print, notebooks: bool = False) -> dict:
-    "Run (or resume) the pipeline for `cfg`; returns the state with each step's outputs. `notebooks`: run steps as their notebook jobs."
+                 progress: bool = True, log=print, notebooks: bool = False, preflight: Optional[bool] = None,
+                 gpu_gb: Optional[float] = None) -> dict:
+    "Run (or resume) the pipeline for `cfg`; returns the state with each step's outputs. `notebooks`: run steps as their notebook jobs; `preflight` (default: for real runs) checks first."
     names = list(steps or STEPS)
     for s in names + ([force] if force else []):
         if s not in STEPS: raise OpdError("--steps" if s != force else "--force", s, ", ".join(STEPS))
     if notebooks: _check_notebooks(run_dir_for(cfg, out))
+    from opd.preflight import check_or_raise, is_real
+    if preflight if preflight is not None else is_real(cfg): check_or_raise(cfg, out, gpu_gb, log)   # before anything is written
     run_dir = prepare_run_dir(cfg, out)
     state = _read_state(run_dir)
     if force: 
@@ -247,11 +250,19 @@ def _pipeline_cli(argv=None):
     p.add_argument("--force", help="re-run this step and the ones after it")
     p.add_argument("--ablation", action="store_true", help="also train and evaluate one student per distill.mode (on_policy, teacher, forward, mixed)")
     p.add_argument("--notebooks", action="store_true", help="run each step that has a notebook job as that notebook (papermill); executed copies go to <run_dir>/notebooks/")
+    p.add_argument("--preflight", action="store_true", help="only check that the run can go through (weights, GPU memory, disk, folders), print the table and exit (2 on any ✗)")
+    p.add_argument("--gpu-gb", help="plan the GPU memory for a GPU of this many GiB (default: the GPU found)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config: return print_config(cfg)
+    try: gpu_gb = float(args.gpu_gb) if args.gpu_gb is not None else None
+    except ValueError: raise OpdError("--gpu-gb", args.gpu_gb, "a number of GiB > 0, e.g. 80") from None
+    if gpu_gb is not None and not gpu_gb > 0: raise OpdError("--gpu-gb", args.gpu_gb, "a number of GiB > 0, e.g. 80")
+    if args.preflight:
+        from opd.preflight import check_or_raise
+        check_or_raise(cfg, args.out, gpu_gb); return
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
-    state = run_pipeline(cfg, args.out, steps=steps, force=args.force, notebooks=args.notebooks)
+    state = run_pipeline(cfg, args.out, steps=steps, force=args.force, notebooks=args.notebooks, gpu_gb=gpu_gb)
     rd = Path(state["run_dir"])
     if args.ablation:
         abl = run_ablation(cfg, rd)

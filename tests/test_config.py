@@ -68,3 +68,14 @@ def test_parameters_tag_survives_clean():
     import tomllib
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["nbdev"]
     assert cfg["allowed_cell_metadata_keys"] == ["tags"] and set(cfg["tst_flags"].split()) == {"notest", "slow", "gpu"}
+
+def test_run_identity_is_what_shapes_the_student(tmp_path):
+    "An eval/qualtrics fix after training reopens the same run (same id, same resume key); a training change does not."
+    def head(*extra):
+        r = run("--stage", "pilot", *extra, "--print-config", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()[0]                  # "# stage=pilot run_id=pilot-xxxxxxxx config_hash=…"
+    base = head()
+    assert head("--set", "eval.clip_weights=/data/clip.bin") == base
+    assert head("--set", "eval.n_prompts=10", "--set", "qualtrics.max_questions=5") == base
+    assert head("--set", "train.lr=3e-5") != base
