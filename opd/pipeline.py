@@ -104,6 +104,15 @@ def _read_state(run_dir: Path) -> dict:
 
 def _write_state(run_dir: Path, state: dict): write_atomic(run_dir / "pipeline.json", json.dumps(state, indent=2))
 
+_WEIGHT_STEPS = ("text_cache", "teacher_dataset", "distill", "eval")
+
+def _loads_weights(cfg: Config, run_dir: Path, names, force=None) -> list[str]:
+    "The steps of `names` still to run that load model weights (a finished run whose eval is current needs none)."
+    st = _read_state(Path(run_dir))["steps"]
+    forced = list(STEPS)[list(STEPS).index(force):] if force else []
+    done = lambda n: n not in forced and st.get(n, {}).get("done") and (n != "eval" or st[n].get("key", eval_key(cfg)) == eval_key(cfg))
+    return [n for n in names if n in _WEIGHT_STEPS and not done(n)]
+
 def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, force: Optional[str] = None,
                  progress: bool = True, log=print, notebooks: bool = False, preflight: Optional[bool] = None,
                  gpu_gb: Optional[float] = None) -> dict:
@@ -113,7 +122,8 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
         if s not in STEPS: raise OpdError("--steps" if s != force else "--force", s, ", ".join(STEPS))
     if notebooks: _check_notebooks(run_dir_for(cfg, out))
     from opd.preflight import check_or_raise, is_real
-    if preflight if preflight is not None else is_real(cfg): check_or_raise(cfg, out, gpu_gb, log)   # before anything is written
+    auto = is_real(cfg) and bool(_loads_weights(cfg, run_dir_for(cfg, out), names, force))
+    if preflight if preflight is not None else auto: check_or_raise(cfg, out, gpu_gb, log)   # before anything is written
     run_dir = prepare_run_dir(cfg, out)
     state = _read_state(run_dir)
     if force: 

@@ -56,3 +56,17 @@ def test_real_run_stops_before_its_first_step(tmp_path):
     with pytest.raises(OpdError, match="preflight: .*GPU memory"):
         run_pipeline(load_config("pilot"), tmp_path / "pilot", gpu_gb=1, log=lambda s: None)
     assert not (tmp_path / "pilot").exists()
+
+def test_no_automatic_preflight_when_nothing_left_loads_weights(tmp_path):
+    "A finished real run whose evaluation is current (e.g. re-exporting the survey on a laptop) needs no weights, so no preflight."
+    import json
+    from opd.config import eval_key
+    from opd.pipeline import STEPS, _loads_weights
+    cfg, rd = load_config("pilot"), tmp_path / "run"
+    rd.mkdir()
+    steps = {n: {"done": True, "outputs": []} for n in STEPS} | {"eval": {"done": True, "outputs": [], "key": eval_key(cfg)}}
+    (rd / "pipeline.json").write_text(json.dumps({"steps": steps}))
+    assert _loads_weights(cfg, rd, list(STEPS)) == []
+    assert _loads_weights(config_with(cfg, **{"eval.n_prompts": 3}), rd, list(STEPS)) == ["eval"]
+    assert _loads_weights(cfg, rd, list(STEPS), force="distill") == ["distill", "eval"]
+    assert _loads_weights(cfg, tmp_path / "new", list(STEPS)) == ["text_cache", "teacher_dataset", "distill", "eval"]
