@@ -75,7 +75,8 @@ def test_run_identity_is_what_shapes_the_student(tmp_path):
         r = run("--stage", "pilot", *extra, "--print-config", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines()[0]                  # "# stage=pilot run_id=pilot-xxxxxxxx config_hash=…"
-    base = head()
-    assert head("--set", "eval.clip_weights=/data/clip.bin") == base
-    assert head("--set", "eval.n_prompts=10", "--set", "qualtrics.max_questions=5") == base
-    assert head("--set", "train.lr=3e-5") != base
+    assert head("--set", "eval.clip_weights=/data/clip.bin", "--set", "qualtrics.max_questions=5") == head()   # the repro
+    from opd.config import config_hash, load_config, run_id
+    pilot = load_config("pilot")
+    assert run_id(load_config("pilot", overrides=["eval.n_prompts=10"])) == run_id(pilot)
+    assert config_hash(load_config("pilot", overrides=["train.lr=3e-5"])) != config_hash(pilot)
