@@ -7,13 +7,13 @@ Docs: https://opd-dev.github.io/opd/preflight.html.md"""
 # %% ../nbs/15_preflight.ipynb #2dc88092
 from __future__ import annotations
 import json, os, shutil, tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import pandas as pd
 
-from .config import Config, OpdError, STAGES, config_hash, run_dir_for
+from .config import Config, OpdError, config_hash, run_dir_for
 from .config import _stored_hash
 
 # %% auto #0
