@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .config import Config, OpdError, load_config
+from .config import latest_dir
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch
 from .losses import gaussian_kl
 from .prompts import build_prompts
@@ -73,10 +74,10 @@ def grid_image(rows: Sequence[dict], columns: Sequence[str] = ARMS, cell: int = 
     return canvas
 
 # %% ../nbs/07_compare.ipynb #bbf2502e
-def read_samples(run_dir) -> pd.DataFrame:
-    "`<run_dir>/eval/samples.csv`, checked against the eval contract."
+def read_samples(run_dir, key: Optional[str] = None) -> pd.DataFrame:
+    "`samples.csv` of the run's latest evaluation (or of `eval/<key>/`), checked against the eval contract."
     run_dir = Path(run_dir)
-    f = run_dir / "eval" / "samples.csv"
+    f = latest_dir(run_dir, "eval", key) / "samples.csv"
     if not f.is_file(): raise OpdError("run_dir", str(run_dir), msg=f"{str(f)!r}: no such file; allowed: a run evaluated by opd-eval")
     df = pd.read_csv(f, dtype={"seed": "Int64", "prompt_id": str})
     missing = [c for c in SAMPLE_COLUMNS if c not in df]
@@ -84,10 +85,11 @@ def read_samples(run_dir) -> pd.DataFrame:
     return df
 
 def make_grids(run_dir, rows_per_grid: int = 8, cell: Optional[int] = None, splits: Optional[Sequence[str]] = None,
-               text_width: int = 280) -> list[Path]:
-    "Write `eval/grid_<split>_<NN>.png` (teacher | before | after per prompt and seed) for an evaluated run; returns the paths."
+               text_width: int = 280, key: Optional[str] = None) -> list[Path]:
+    "Write `grid_<split>_<NN>.png` (teacher | before | after per prompt and seed) into the run's latest evaluation folder (or `eval/<key>/`); returns the paths."
     run_dir = Path(run_dir)
-    df = read_samples(run_dir)
+    df = read_samples(run_dir, key)
+    ev = latest_dir(run_dir, "eval", key)
     arms = [a for a in ARMS if a in set(df.arm)]
     first = Image.open(run_dir / df.image_path.iloc[0])
     cell = cell or int(min(max(first.width, 128), 256))
@@ -101,7 +103,7 @@ def make_grids(run_dir, rows_per_grid: int = 8, cell: Optional[int] = None, spli
         for page, start in enumerate(range(0, len(units), rows_per_grid)):
             rows = [dict(text=f"[{u['category']}] {u['prompt_id']} · seed #{u['j']}: {u['prompt']}",
                          images=[lookup.get((u["prompt_id"], u["seed"], a)) for a in arms]) for u in units[start:start + rows_per_grid]]
-            p = run_dir / "eval" / f"grid_{split}_{page:02d}.png"
+            p = ev / f"grid_{split}_{page:02d}.png"
             grid_image(rows, arms, cell, text_width).save(p)
             out.append(p)
     return out

@@ -16,11 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['DISTILL_MODES', 'STAGES', 'SPEED_ONLY', 'OpdError', 'ModelConfig', 'PromptsConfig', 'TrainConfig', 'DistillConfig',
-           'EvalConfig', 'QualtricsConfig', 'Config', 'stage_dict', 'parse_override', 'config_with', 'as_overrides',
-           'load_config', 'config_overrides', 'config_hash', 'run_id', 'git_commit', 'package_versions', 'repro_keys',
-           'project_root', 'runs_dir', 'run_dir_for', 'write_atomic', 'prepare_run_dir', 'config_parser',
-           'config_from_args', 'print_config', 'cli_main']
+__all__ = ['DISTILL_MODES', 'STAGES', 'SPEED_ONLY', 'TRAINING_KEYS', 'LATEST', 'OpdError', 'ModelConfig', 'PromptsConfig',
+           'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig', 'Config', 'stage_dict', 'parse_override',
+           'config_with', 'as_overrides', 'load_config', 'config_overrides', 'config_hash', 'run_id', 'short_hash',
+           'eval_key', 'git_commit', 'package_versions', 'repro_keys', 'project_root', 'runs_dir', 'run_dir_for',
+           'write_atomic', 'prepare_run_dir', 'set_latest', 'latest_dir', 'config_parser', 'config_from_args',
+           'print_config', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #1eca4b94
 class OpdError(Exception):
@@ -272,13 +273,24 @@ def config_overrides(cfg: Config) -> list[str]:
 
 # %% ../nbs/00_config.ipynb #0c11c1fa
 SPEED_ONLY = {"train": {"compile", "full_grading_every"}}
+TRAINING_KEYS = ("seed", "prompts", "model", "distill", "train")
 
 def config_hash(cfg: Config) -> str:
-    "sha256 of the canonical JSON of the resolved config, without the speed-only knobs."
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=SPEED_ONLY), sort_keys=True).encode()).hexdigest()
+    "sha256 of the canonical JSON of what shapes the student (`TRAINING_KEYS`), without the speed-only knobs."
+    d = cfg.model_dump(mode="json", include=set(TRAINING_KEYS), exclude=SPEED_ONLY)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 def run_id(cfg: Config) -> str:
     return f"{cfg.run_name or cfg.stage}-{config_hash(cfg)[:8]}"
+
+# %% ../nbs/00_config.ipynb #cb8196bf
+def short_hash(*parts) -> str:
+    "8 hex digits of sha256 over the canonical JSON of `parts`: the key of a folder inside a run."
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+def eval_key(cfg: Config, ckpt: str = "final") -> str:
+    "The folder name of an evaluation inside the run: the checkpoint (`final` or `step-NNNNNN`), then a hash of the eval settings."
+    return f"{ckpt}-{short_hash(cfg.eval.model_dump(mode='json'), config_hash(cfg))}"
 
 # %% ../nbs/00_config.ipynb #edee3e13
 def git_commit(path=None) -> str:
@@ -329,6 +341,11 @@ def write_atomic(path: Path, text: str):
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
+def _stored_hash(d: Path) -> str | None:
+    "Today's training hash of the config a run stored (runs before December 2026 recorded a whole-config hash)."
+    try: return config_hash(Config.model_validate(yaml.safe_load((d / "config.yaml").read_text()) or {}))
+    except (OSError, yaml.YAMLError, ValidationError): return None
+
 def prepare_run_dir(cfg: Config, out: str | os.PathLike | None = None) -> Path:
     "Create (or reopen) the run directory and write `config.yaml` and `run.json` into it."
     d = run_dir_for(cfg, out)
@@ -336,7 +353,7 @@ def prepare_run_dir(cfg: Config, out: str | os.PathLike | None = None) -> Path:
     old = d / "run.json"
     if old.exists():
         prev = json.loads(old.read_text()).get("config_hash")
-        if prev != config_hash(cfg):
+        if prev != config_hash(cfg) and _stored_hash(d) != config_hash(cfg):
             raise OpdError("--out", str(d), msg=f"--out={str(d)!r} holds a run with another config (hash {str(prev)[:8]}); allowed: a new or empty directory, or the same config")
         return d
     d.mkdir(parents=True, exist_ok=True)
@@ -344,6 +361,23 @@ def prepare_run_dir(cfg: Config, out: str | os.PathLike | None = None) -> Path:
     keys = repro_keys(cfg) | {"created": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
     write_atomic(d / "run.json", json.dumps(keys, indent=2))
     return d
+
+# %% ../nbs/00_config.ipynb #39a99d1d
+LATEST = "LATEST"
+
+def set_latest(folder, name: str):
+    "Point `<folder>/LATEST` at its subfolder `name` (a one-line text file, written atomically)."
+    write_atomic(Path(folder) / LATEST, name + "\n")
+
+def latest_dir(run_dir, kind: str = "eval", key: str | None = None) -> Path:
+    "The `kind` folder (eval, survey) readers use: `key`, else the one `<kind>/LATEST` names, else the flat `<kind>/` of older runs."
+    base = Path(run_dir) / kind
+    name = key or ((base / LATEST).read_text().strip() if (base / LATEST).is_file() else None)
+    if not name: return base
+    if not (base / name).is_dir():
+        have = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
+        raise OpdError(kind, name, msg=f"{kind}/{name}: no such folder in {str(run_dir)!r}; allowed: {', '.join(have) or f'a run whose {kind} step has run'}")
+    return base / name
 
 # %% ../nbs/00_config.ipynb #4c5f2d4c
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -22,19 +22,21 @@ from tqdm.auto import tqdm
 
 from .config import (Config, EvalConfig, OpdError, cli_main, config_hash, config_parser, load_config, print_config,
                         repro_keys, run_id)
+from .config import LATEST, eval_key, latest_dir, set_latest
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed
 from .models import save_png, to_uint8
+from .models import hub_offline
 from .losses import final_latent_mse, per_step_kl
 
 # %% auto #0
-__all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'METRICS', 'ARMS', 'SUMMARY_COLUMNS', 'CATEGORY_MD_METRICS',
-           'SAMPLE_COLUMNS', 'image_mse', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance', 'CI',
-           'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer', 'load_clip', 'EvalItem',
-           'pick_prompts', 'eval_items', 'Checkpoint', 'resolve_ckpt', 'load_student_weights', 'ArmOutputs',
-           'image_name', 'image_relpath', 'run_arm', 'per_sample_table', 'summarize', 'add_metric_rows',
-           'with_set_metrics', 'kl_per_step_table', 'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars',
-           'markdown_table', 'headline', 'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main',
-           'eval_forwards', 'eval_cost']
+__all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'DEFAULT_CLIP_TAG', 'METRICS', 'ARMS', 'SUMMARY_COLUMNS',
+           'CATEGORY_MD_METRICS', 'SAMPLE_COLUMNS', 'image_mse', 'from_uint8', 'pairwise_rms',
+           'pairwise_cosine_distance', 'CI', 'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer',
+           'clip_tag', 'clip_weights_file', 'load_clip', 'EvalItem', 'pick_prompts', 'eval_items', 'Checkpoint',
+           'resolve_ckpt', 'load_student_weights', 'ArmOutputs', 'image_name', 'image_relpath', 'run_arm',
+           'per_sample_table', 'summarize', 'add_metric_rows', 'with_set_metrics', 'kl_per_step_table',
+           'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars', 'markdown_table', 'headline',
+           'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main', 'eval_forwards', 'eval_cost']
 
 # %% ../nbs/06_eval.ipynb #7b015fc2
 from .metrics import (GAP_COLUMNS, METRIC_INFO, gap_cell, gap_closed, gap_headline, load_metrics, plot_gap_closed,
@@ -161,9 +163,40 @@ class ClipScorer:
 
     def __repr__(self): return f"ClipScorer({self.name}, input {self.size}, {self.device})"
 
+# %% ../nbs/06_eval.ipynb #ff31a23f
+DEFAULT_CLIP_TAG = "openai"
+
+def clip_tag(name: str, weights: Optional[str]) -> Optional[str]:
+    "The open_clip pretrained tag `eval.clip_weights` selects for `name` (None when it names a local file)."
+    import open_clip
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if weights is None: return DEFAULT_CLIP_TAG if DEFAULT_CLIP_TAG in tags else (tags[0] if tags else None)
+    return weights if weights in tags else None
+
+def _clip_fix(name: str, tag: str) -> str:
+    return (f"allowed: run once with network (the HF cache keeps it; python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{tag}')\"), "
+            f"then copy that cache and set HF_HOME; or eval.clip_weights=<a local open_clip weights file>; or eval.clip_model={TINY_CLIP}|none")
+
+def clip_weights_file(name: str, tag: str, download: bool = False, cache_dir=None) -> Optional[Path]:
+    "The local file of open_clip's `name`/`tag` weights: from the HF cache, or downloaded when `download`; None when neither."
+    import open_clip
+    from huggingface_hub import hf_hub_download
+    pc = open_clip.get_pretrained_cfg(name, tag)
+    if pc.get("hf_hub"):
+        repo, fname = os.path.split(pc["hf_hub"])     # 'org/name/' (default file names) or 'org/name/file'
+        for f in ([fname] if fname else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+            try: return Path(hf_hub_download(repo, f, cache_dir=cache_dir, local_files_only=not download))
+            except (OSError, ValueError): pass          # not cached / not on the hub under this name: try the next
+        return None
+    url = pc.get("url", "")
+    cached = Path(cache_dir or Path("~/.cache/clip").expanduser()) / os.path.basename(url)
+    if cached.is_file(): return cached
+    if not (download and url): return None
+    return Path(open_clip.pretrained.download_pretrained_from_url(url, cache_dir=str(cached.parent)))
+
 # %% ../nbs/06_eval.ipynb #48d08d38
-def load_clip(ec: EvalConfig, device="cpu", seed: int = 0) -> Optional[ClipScorer]:
-    "The CLIP of `eval.clip_model` (weights from the local `eval.clip_weights`), the tiny random one, or None for `none`."
+def load_clip(ec: EvalConfig, device="cpu", seed: int = 0, cache_dir=None) -> Optional[ClipScorer]:
+    "The CLIP of `eval.clip_model` (weights: a local `eval.clip_weights` file, else a pretrained tag from the HF cache or the hub), the tiny random one, or None."
     name = ec.clip_model
     if name == "none": return None
     import open_clip
@@ -175,12 +208,22 @@ def load_clip(ec: EvalConfig, device="cpu", seed: int = 0) -> Optional[ClipScore
         return ClipScorer(model, open_clip.get_tokenizer(arch), name, device)
     if name not in open_clip.list_models():
         raise OpdError("eval.clip_model", name, f"{TINY_CLIP}, none, or an open_clip architecture such as ViT-B-32, ViT-L-14")
-    if not ec.clip_weights:
-        raise OpdError("eval.clip_weights", None, msg=f"eval.clip_weights is required for eval.clip_model={name!r} (nothing is downloaded); "
-                       f"allowed: a local open_clip weights file (.bin/.pt/.safetensors), or eval.clip_model={TINY_CLIP}|none")
-    path = Path(ec.clip_weights).expanduser()
-    if not path.is_file(): raise OpdError("eval.clip_weights", str(path), msg=f"eval.clip_weights={str(path)!r}: no such file; allowed: a local open_clip weights file")
-    with _quiet_logging(): model = open_clip.create_model(name, pretrained=None)
+    tag, pc = clip_tag(name, ec.clip_weights), {}
+    if tag is not None:
+        pc = open_clip.get_pretrained_cfg(name, tag)
+        offline = hub_offline()
+        path = clip_weights_file(name, tag, download=not offline, cache_dir=cache_dir)
+        if path is None:
+            why = "are not in the local HF cache and the hub cannot be reached (HF_HUB_OFFLINE=1 or no network)" if offline else "could not be downloaded"
+            raise OpdError("eval.clip_model", name, msg=f"eval.clip_model={name!r}: its open_clip weights (pretrained {tag!r}) {why}; {_clip_fix(name, tag)}")
+    else:
+        if not ec.clip_weights:
+            raise OpdError("eval.clip_weights", None, msg=f"eval.clip_model={name!r} has no open_clip pretrained tag; allowed: eval.clip_weights=<a local open_clip weights file>, or eval.clip_model={TINY_CLIP}|none")
+        path = Path(ec.clip_weights).expanduser()
+        if not path.is_file(): raise OpdError("eval.clip_weights", str(path), msg=f"eval.clip_weights={str(path)!r}: no such file; allowed: a local open_clip weights file, "
+                                              f"or one of {name}'s pretrained tags ({', '.join(open_clip.list_pretrained_tags_by_model(name)[:4])}, …)")
+    pre = {k: pc[k] for k in ("mean", "std") if k in pc}
+    with _quiet_logging(): model = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(pc.get("quick_gelu")), force_preprocess_cfg=pre or None)
     try: open_clip.load_checkpoint(model, str(path))
     except Exception as e:  # a wrong file for the architecture: say so in one line
         raise OpdError("eval.clip_weights", str(path), msg=f"eval.clip_weights={str(path)!r} does not load into {name} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
@@ -324,9 +367,9 @@ def image_name(item: EvalItem, arm: str, sde: bool = False) -> str:
     "Where an item's PNG lives, relative to the eval directory."
     return f"{'images_sde' if sde else 'images'}/{arm}/{item.prompt_id}_s{item.seed}.png"
 
-def image_relpath(item: EvalItem, arm: str, sde: bool = False) -> str:
-    "Where an item's PNG lives, relative to the run (report) directory: what `samples.csv` records."
-    return "eval/" + image_name(item, arm, sde)
+def image_relpath(item: EvalItem, arm: str, sde: bool = False, eval_rel: str = "eval") -> str:
+    "Where an item's PNG lives, relative to the run (report) directory: what `samples.csv` records (`eval_rel`: the eval folder)."
+    return f"{eval_rel}/" + image_name(item, arm, sde)
 
 def _save_pngs(images: Tensor, items, eval_dir: Path, arm: str, sde: bool):
     for img, it in zip(images, items): save_png(img, eval_dir / image_name(it, arm, sde), compress_level=1 if sde else 6)
@@ -688,8 +731,13 @@ def exact_report(pair, items: list[EvalItem], outs: dict, eval_dir: Path, n_boot
     return df
 
 # %% ../nbs/06_eval.ipynb #0a013861
+def _takes_latest(base: Path, ck: Checkpoint) -> bool:
+    "The final student's evaluation becomes the latest; a checkpoint's only while no final-student evaluation is."
+    cur = (base / LATEST).read_text().strip() if (base / LATEST).is_file() else ""
+    return ck.kind == "student" or not cur.startswith("final-")
+
 def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) -> dict:
-    "Evaluate teacher / student-before / student-after; write the report into `<out or run_dir>/eval/`; return paths and numbers."
+    "Evaluate teacher / student-before / student-after; write the report into `<out or run_dir>/eval/<eval_key>/`; return paths and numbers."
     from opd.models import load_models, resolve_device
     ck = resolve_ckpt(ckpt)
     root = Path(out) if out is not None else ck.run_dir
@@ -709,8 +757,10 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
     prompts = list(dict.fromkeys(it.prompt for it in items))
     pair.precompute(prompts + [r["prompt"] for r in trainer_heldout_records(records)], progress=False)
 
-    final, tmp = root / "eval", root / "eval.tmp"
-    made_root = not root.exists()
+    key = eval_key(cfg, ck.path.name if ck.kind == "checkpoint" else "final")   # which checkpoint + which settings
+    base = root / "eval"
+    final, tmp = base / key, base / f".{key}.tmp"
+    made_root, made_base = not root.exists(), not base.exists()
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
@@ -745,7 +795,7 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
         with open(tmp / "samples.csv", "w", newline="") as f:
             w = csv.writer(f); w.writerow(SAMPLE_COLUMNS)
             for arm in ARMS:
-                for it in items: w.writerow([it.prompt_id, it.prompt, it.category, it.split, it.seed, arm, image_relpath(it, arm)])
+                for it in items: w.writerow([it.prompt_id, it.prompt, it.category, it.split, it.seed, arm, image_relpath(it, arm, eval_rel=f"eval/{key}")])
         per_sample.to_csv(tmp / "per_sample.csv", index=False)
         summary.to_csv(tmp / "summary.csv", index=False)
         by_cat.to_csv(tmp / "summary_by_category.csv", index=False)
@@ -771,23 +821,25 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
         write_summary_md(tmp / "summary.md", summary, by_cat, info, plots, files)
         exact = exact_report(pair, items, outs, tmp, ec.bootstrap)
         (tmp / "eval.json").write_text(json.dumps(dict(repro_keys(cfg), **{k: v for k, v in info.items() if k != "run_id"},
-                                                       headline=h, ckpt_kind=ck.kind, ckpt_step=ck.step), indent=2, default=str))
+                                                       headline=h, ckpt_kind=ck.kind, ckpt_step=ck.step, eval_key=key), indent=2, default=str))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_base and base.is_dir() and not any(base.iterdir()): base.rmdir()
         if made_root and root.is_dir() and not any(root.iterdir()): root.rmdir()
         raise
     if final.exists(): shutil.rmtree(final)
     os.replace(tmp, final)
+    if _takes_latest(base, ck): set_latest(base, key)
     paths = {f: final / f for f in ("summary.csv", "summary_by_category.csv", "summary.md", "per_sample.csv", "kl_per_step.csv", "samples.csv",
                                     "eval.json", "config.yaml", "images", "images_sde", "exact_metrics.csv") if (final / f).exists()}
     paths.update({Path(p).stem: final / Path(p).name for p in plots.values() if p})
-    return dict(eval_dir=final, paths=paths, summary=summary, by_category=by_cat, kl_per_step=kl, per_sample=per_sample,
+    return dict(eval_dir=final, eval_key=key, paths=paths, summary=summary, by_category=by_cat, kl_per_step=kl, per_sample=per_sample,
                 headline=h, headline_text=headline_text(h), checks=checks, seconds=seconds, ckpt=ck)
 
 # %% ../nbs/06_eval.ipynb #70c088f1
 def _eval_cli(argv=None):
     p = config_parser("opd-eval", "Evaluate a distilled student: teacher vs student-before vs student-after, shared noise, CIs; "
-                      "writes <run_dir>/eval/ (or <out>/eval/).")
+                      "writes <run_dir>/eval/<key>/ (or <out>/eval/<key>/); eval/LATEST names the newest evaluation of the final student.")
     p.add_argument("--ckpt", required=True, help="a run directory (its final student/) or a checkpoint folder checkpoints/step-N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

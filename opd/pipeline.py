@@ -14,10 +14,11 @@ import pandas as pd
 
 from .config import (DISTILL_MODES, Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config,
                         project_root, run_dir_for, write_atomic)
+from .config import eval_key, latest_dir
 
 # %% auto #0
-__all__ = ['STEPS', 'STEP_FILES', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'step_outputs', 'run_pipeline', 'headline',
-           'nbs_dir', 'job_cells', 'run_notebook', 'run_ablation', 'plot_ablation', 'main']
+__all__ = ['STEPS', 'STEP_FILES', 'STEP_KEYS', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'step_outputs', 'run_pipeline',
+           'headline', 'nbs_dir', 'job_cells', 'run_notebook', 'run_ablation', 'plot_ablation', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #144f9a33
 def _records(cfg, run_dir, ctx):
@@ -66,11 +67,20 @@ STEPS: dict[str, Callable] = {"prompts": _prompts, "text_cache": _text_cache, "t
                               "distill": _distill, "eval": _eval, "grids": _grids, "survey": _survey}
 
 # what each step leaves in the run directory (globs): checked after the step, whichever way it ran, and recorded as its outputs
+# ({eval}, {survey}: the run's latest evaluation / survey folder, see `latest_dir`)
 STEP_FILES = {"prompts": ["prompts.jsonl", "prompts_manifest.json"], "text_cache": ["text_cache"],
               "teacher_dataset": ["teacher_dataset/manifest.jsonl"], "distill": ["metrics.csv", "train_summary.json", "student"],
-              "eval": ["eval/summary.csv", "eval/summary.md", "eval/samples.csv"], "grids": ["eval/grid_*.png"],
-              "survey": ["survey/survey.csv", "survey/private/key.csv", "survey/private/manifest.json",
-                         "survey/public/qualtrics_survey.txt", "survey/public/images"]}
+              "eval": ["{eval}/summary.csv", "{eval}/summary.md", "{eval}/samples.csv"], "grids": ["{eval}/grid_*.png"],
+              "survey": ["{survey}/survey.csv", "{survey}/private/key.csv", "{survey}/private/manifest.json",
+                         "{survey}/public/qualtrics_survey.txt", "{survey}/public/images"]}
+
+def _survey_key(cfg, run_dir):
+    from opd.qualtrics import survey_key
+    return survey_key(run_dir, cfg.qualtrics, cfg.seed)
+
+# the key of a step's settings (None: the step has none beyond the run's); a changed key re-runs the step
+STEP_KEYS: dict[str, Callable] = {"eval": lambda cfg, run_dir: eval_key(cfg), "grids": lambda cfg, run_dir: latest_dir(run_dir).name,
+                                  "survey": _survey_key}
 
 # a step that only makes sense when a config switch is on; otherwise it is recorded as done, with nothing written
 STEP_NEEDS = {"text_cache": "model.text_cache"}
@@ -81,7 +91,8 @@ def _needed(name: str, cfg: Config) -> bool:
 
 def step_outputs(name: str, run_dir: Path, ran: str = "") -> list[Path]:
     "The files step `name` wrote (its `STEP_FILES`); a one-line error naming what is missing."
-    files = {pat: sorted(Path(run_dir).glob(pat)) for pat in STEP_FILES[name]}
+    where = {k: latest_dir(run_dir, k).relative_to(run_dir).as_posix() for k in ("eval", "survey")}
+    files = {pat: sorted(Path(run_dir).glob(pat.format(**where))) for pat in STEP_FILES[name]}
     missing = [pat for pat, found in files.items() if not found]
     if missing: raise OpdError(name, msg=f"step {name!r} ran but wrote no {', '.join(missing)} in {run_dir}{ran}")
     return [p for found in files.values() for p in found]
@@ -93,23 +104,40 @@ def _read_state(run_dir: Path) -> dict:
 
 def _write_state(run_dir: Path, state: dict): write_atomic(run_dir / "pipeline.json", json.dumps(state, indent=2))
 
+_WEIGHT_STEPS = ("text_cache", "teacher_dataset", "distill", "eval")
+
+def _loads_weights(cfg: Config, run_dir: Path, names, force=None) -> list[str]:
+    "The steps of `names` still to run that load model weights (a finished run whose eval is current needs none)."
+    st = _read_state(Path(run_dir))["steps"]
+    forced = list(STEPS)[list(STEPS).index(force):] if force else []
+    done = lambda n: n not in forced and st.get(n, {}).get("done") and (n != "eval" or st[n].get("key", eval_key(cfg)) == eval_key(cfg))
+    return [n for n in names if n in _WEIGHT_STEPS and not done(n)]
+
 def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, force: Optional[str] = None,
-                 progress: bool = True, log=print, notebooks: bool = False) -> dict:
-    "Run (or resume) the pipeline for `cfg`; returns the state with each step's outputs. `notebooks`: run steps as their notebook jobs."
+                 progress: bool = True, log=print, notebooks: bool = False, preflight: Optional[bool] = None,
+                 gpu_gb: Optional[float] = None) -> dict:
+    "Run (or resume) the pipeline for `cfg`; returns the state with each step's outputs. `notebooks`: run steps as their notebook jobs; `preflight` (default: for real runs) checks first."
     names = list(steps or STEPS)
     for s in names + ([force] if force else []):
         if s not in STEPS: raise OpdError("--steps" if s != force else "--force", s, ", ".join(STEPS))
     if notebooks: _check_notebooks(run_dir_for(cfg, out))
     from opd.models import check_sources
-    check_sources(cfg)                    # a model spec that cannot work fails here, before the run directory is written
+    from opd.preflight import check_or_raise, is_real
+    loads = bool(_loads_weights(cfg, run_dir_for(cfg, out), names, force))
+    if loads: check_sources(cfg)          # a model spec that cannot work fails here, before the run directory is written
+    auto = is_real(cfg) and loads
+    if preflight if preflight is not None else auto: check_or_raise(cfg, out, gpu_gb, log)   # before anything is written
     run_dir = prepare_run_dir(cfg, out)
     state = _read_state(run_dir)
     if force: 
         for s in list(STEPS)[list(STEPS).index(force):]: state["steps"].pop(s, None)
     ctx = dict(progress=progress, log=log)
     for name in names:
-        if state["steps"].get(name, {}).get("done"):
+        key = STEP_KEYS[name](cfg, run_dir) if name in STEP_KEYS else None
+        st = state["steps"].get(name, {})
+        if st.get("done") and st.get("key", key) == key:      # no recorded key: a step of a run from before keys, done
             log(f"[{name}] done already, skipped"); continue
+        if st.get("done"): log(f"[{name}] settings changed ({st.get('key')} → {key}): runs again")
         if not _needed(name, cfg):
             log(f"[{name}] not needed ({STEP_NEEDS[name]}=false)")
             state["steps"][name] = dict(done=True, seconds=0.0, outputs=[]); _write_state(run_dir, state); continue
@@ -122,17 +150,18 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
             STEPS[name](cfg, run_dir, ctx)
             paths = step_outputs(name, run_dir)
         state["steps"][name] = dict(done=True, seconds=round(time.perf_counter() - t0, 2), outputs=[str(p) for p in paths])
+        if name in STEP_KEYS: state["steps"][name]["key"] = STEP_KEYS[name](cfg, run_dir)
         _write_state(run_dir, state)
     state["run_dir"] = str(run_dir)
     state["headline"] = headline(run_dir)
     return state
 
 def headline(run_dir: Path) -> dict:
-    "Held-out numbers of a finished run: final-latent MSE to the teacher before → after (from eval/), training summary."
+    "Held-out numbers of a finished run: final-latent MSE to the teacher before → after (from its latest evaluation), training summary."
     out = {}
     ts = run_dir / "train_summary.json"
     if ts.is_file(): out["train"] = {k: v for k, v in json.loads(ts.read_text()).items() if k.startswith("heldout") or k == "steps"}
-    ev = run_dir / "eval" / "eval.json"
+    ev = latest_dir(run_dir) / "eval.json"
     if ev.is_file(): out["eval"] = json.loads(ev.read_text()).get("headline")
     return out
 
@@ -199,9 +228,8 @@ def run_ablation(cfg: Config, run_dir, modes: Sequence[str] = ABLATION_MODES, pr
         t0 = time.perf_counter()
         s = distill(c, d, resume="auto", progress=progress)
         t_train = time.perf_counter() - t0
-        ev = d / "eval" / "summary.csv"
-        if not ev.is_file(): evaluate(c, d, progress=progress)
-        summ = pd.read_csv(ev)
+        if not (latest_dir(d) / "summary.csv").is_file(): evaluate(c, d, progress=progress)
+        summ = pd.read_csv(latest_dir(d) / "summary.csv")
         for split in summ.split.unique():
             for metric in ("final_latent_mse", "kl_on_policy"):
                 r = summ[(summ.split == split) & (summ.metric == metric)]
@@ -235,11 +263,19 @@ def _pipeline_cli(argv=None):
     p.add_argument("--force", help="re-run this step and the ones after it")
     p.add_argument("--ablation", action="store_true", help="also train and evaluate one student per distill.mode (on_policy, teacher, forward, mixed)")
     p.add_argument("--notebooks", action="store_true", help="run each step that has a notebook job as that notebook (papermill); executed copies go to <run_dir>/notebooks/")
+    p.add_argument("--preflight", action="store_true", help="only check that the run can go through (weights, GPU memory, disk, folders), print the table and exit (2 on any ✗)")
+    p.add_argument("--gpu-gb", help="plan the GPU memory for a GPU of this many GiB (default: the GPU found)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config: return print_config(cfg)
+    try: gpu_gb = float(args.gpu_gb) if args.gpu_gb is not None else None
+    except ValueError: raise OpdError("--gpu-gb", args.gpu_gb, "a number of GiB > 0, e.g. 80") from None
+    if gpu_gb is not None and not gpu_gb > 0: raise OpdError("--gpu-gb", args.gpu_gb, "a number of GiB > 0, e.g. 80")
+    if args.preflight:
+        from opd.preflight import check_or_raise
+        check_or_raise(cfg, args.out, gpu_gb); return
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
-    state = run_pipeline(cfg, args.out, steps=steps, force=args.force, notebooks=args.notebooks)
+    state = run_pipeline(cfg, args.out, steps=steps, force=args.force, notebooks=args.notebooks, gpu_gb=gpu_gb)
     rd = Path(state["run_dir"])
     if args.ablation:
         abl = run_ablation(cfg, rd)

@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import (OpdError, QualtricsConfig, cli_main, config_from_args, config_hash, config_parser,
                         load_config, print_config, runs_dir)
+from .config import latest_dir, set_latest, short_hash
 
 # %% auto #0
 __all__ = ['ARMS', 'SAMPLE_COLUMNS', 'PNG_SIG', 'SAFE_PNG_CHUNKS', 'COMPARISONS', 'CONDITIONS', 'BLANK_PROMPT', 'QUESTION_HTML',
@@ -26,10 +27,10 @@ __all__ = ['ARMS', 'SAMPLE_COLUMNS', 'PNG_SIG', 'SAFE_PNG_CHUNKS', 'COMPARISONS'
            'make_fake_eval_run', 'read_samples', 'pair_units', 'select_units', 'balanced_slots', 'binom_interval',
            'png_chunks', 'public_png', 'load_public_png', 'check_image', 'plan_survey', 'html_text', 'question_html',
            'render_advanced_format', 'AdvancedFormatError', 'parse_advanced_format', 'forbidden_terms', 'find_leaks',
-           'check_base_url', 'build_export', 'SurveyExport', 'export_survey', 'check_export', 'export_parser',
-           'export_cli', 'export_main', 'read_qualtrics_csv', 'decode_choice', 'read_key', 'make_fake_responses',
-           'score_responses', 'wilson', 'win_rates', 'markdown_table', 'plot_win_rates', 'SurveyAnalysis',
-           'analyze_survey', 'analyze_cli', 'analyze_main']
+           'check_base_url', 'build_export', 'SurveyExport', 'survey_key', 'export_survey', 'check_export',
+           'export_parser', 'export_cli', 'export_main', 'read_qualtrics_csv', 'decode_choice', 'read_key',
+           'make_fake_responses', 'score_responses', 'wilson', 'win_rates', 'markdown_table', 'plot_win_rates',
+           'SurveyAnalysis', 'analyze_survey', 'analyze_cli', 'analyze_main']
 
 # %% ../nbs/08_qualtrics.ipynb #f7a83d80
 ARMS = ("before", "after", "teacher")
@@ -72,10 +73,10 @@ def make_fake_eval_run(run_dir, n_prompts: int = 6, seeds=(0, 1), categories=("p
     return run_dir
 
 # %% ../nbs/08_qualtrics.ipynb #f18ff1ff
-def _samples_path(run_dir: Path) -> Path: return run_dir / "eval" / "samples.csv"
+def _samples_path(run_dir: Path) -> Path: return latest_dir(run_dir, "eval") / "samples.csv"     # the run's latest evaluation
 
 def read_samples(run_dir) -> pd.DataFrame:
-    "Read and validate `<run_dir>/eval/samples.csv` (the eval contract)."
+    "Read and validate `samples.csv` of the run's latest evaluation (the eval contract)."
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise OpdError("--run-dir", str(run_dir), msg=f"--run-dir={str(run_dir)!r}: no such directory; allowed: a run directory (outputs/runs/<run_id>) evaluated by opd-eval")
@@ -425,8 +426,8 @@ def check_base_url(url: str, terms) -> str:
     if hit: raise OpdError("qualtrics.base_url", url, msg=f"qualtrics.base_url={url!r} contains {hit[0]!r}, which would reveal a condition to participants; allowed: a neutral URL")
     return url.rstrip("/")
 
-def build_export(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=()) -> dict[str, bytes]:
-    "Every file of the survey export, in memory: path relative to `<run_dir>/survey/` → bytes."
+def build_export(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=(), survey_rel: str = "survey") -> dict[str, bytes]:
+    "Every file of the survey export, in memory: path relative to the export folder (`<run_dir>/<survey_rel>/`) → bytes."
     run_dir = Path(run_dir)
     samples = read_samples(run_dir)
     rid, _ = _run_info(run_dir)
@@ -454,7 +455,7 @@ def build_export(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=()) -> di
     files[f"public/{TXT_NAME}"] = render_advanced_format(qs, base).encode()
     comps = [q for q in qs if q["condition"] != "attention_check"]
     survey = [dict(question_id=q["question_id"], prompt_id=q["prompt_id"], prompt_text=q["prompt_text"],
-                   image_a_path=f"survey/public/images/{q['image_a']}", image_b_path=f"survey/public/images/{q['image_b']}",
+                   image_a_path=f"{survey_rel}/public/images/{q['image_a']}", image_b_path=f"{survey_rel}/public/images/{q['image_b']}",
                    randomized_label=q["distilled_slot"]) for q in comps]
     files["survey.csv"] = _csv_bytes(survey, SURVEY_COLUMNS)
     files["private/key.csv"] = _csv_bytes(qs, KEY_COLUMNS)
@@ -489,19 +490,24 @@ def _existing(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
             if p.is_file() and not p.relative_to(d).as_posix().startswith("private/analysis/")}
 
+def survey_key(run_dir, qcfg: QualtricsConfig, seed: int = 0) -> str:
+    "The export's folder name: a short hash of the study settings, the seed and the evaluation it reads."
+    return short_hash(qcfg.model_dump(mode="json"), seed, latest_dir(run_dir, "eval").name)
+
 def export_survey(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=()) -> SurveyExport:
-    "Write `<run_dir>/survey/` (atomically); an identical existing export is kept, a different one refused."
+    "Write `<run_dir>/survey/<survey_key>/` (atomically) and point `survey/LATEST` at it; an identical existing export is kept, a different one refused."
     run_dir = Path(run_dir)
-    files = build_export(run_dir, qcfg, seed, models)
-    d = run_dir / "survey"
+    key = survey_key(run_dir, qcfg, seed)
+    files = build_export(run_dir, qcfg, seed, models, survey_rel=f"survey/{key}")
+    d = run_dir / "survey" / key
     old = _existing(d)
     unchanged = bool(old) and old == files
     if d.exists() and not old and any(p.is_file() for p in d.rglob("*")):
-        raise OpdError("survey", str(d), msg=f"{str(d)!r} holds files but no export; allowed: an empty or missing survey/ folder")
+        raise OpdError("survey", str(d), msg=f"{str(d)!r} holds files but no export; allowed: an empty or missing survey/{key}/ folder")
     if old and not unchanged:
         raise OpdError("survey", str(d), msg=f"{str(d)!r} already holds an export with different content (other seed, settings or images); allowed: the same settings, or delete that folder to export again")
     if not unchanged:
-        tmp = run_dir / f".survey.tmp-{os.getpid()}"
+        tmp = run_dir / "survey" / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             for rel, data in files.items():
@@ -510,6 +516,7 @@ def export_survey(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=()) -> S
             if d.exists(): shutil.rmtree(d)      # an empty folder: anything else was refused above
             os.replace(tmp, d)
         finally: shutil.rmtree(tmp, ignore_errors=True)
+    set_latest(d.parent, key)
     m = json.loads(files["private/manifest.json"])
     return SurveyExport(d, d / "survey.csv", d / "private" / "key.csv", d / "private" / "manifest.json", d / "public" / TXT_NAME,
                         d / "public" / "images", sum(k.startswith("public/images/") for k in files), m["questions"], unchanged)
@@ -517,9 +524,9 @@ def export_survey(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=()) -> S
 # %% ../nbs/08_qualtrics.ipynb #ddc75ad7
 _SRC = re.compile(r'<img src="([^"]+)"')
 
-def check_export(run_dir, models=()) -> dict:
-    "Re-read `<run_dir>/survey/` and assert its integrity and blinding; returns counts and slot balance."
-    run_dir = Path(run_dir); d = run_dir / "survey"
+def check_export(run_dir, models=(), key=None) -> dict:
+    "Re-read the run's latest survey export (or `survey/<key>/`) and assert its integrity and blinding; returns counts and slot balance."
+    run_dir = Path(run_dir); d = latest_dir(run_dir, "survey", key)
     man = json.loads((d / "private" / "manifest.json").read_text())
     key = pd.read_csv(d / "private" / "key.csv", dtype=str, keep_default_na=False)
     base = man["base_url"]

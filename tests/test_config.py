@@ -68,3 +68,15 @@ def test_parameters_tag_survives_clean():
     import tomllib
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["nbdev"]
     assert cfg["allowed_cell_metadata_keys"] == ["tags"] and set(cfg["tst_flags"].split()) == {"notest", "slow", "gpu"}
+
+def test_run_identity_is_what_shapes_the_student(tmp_path):
+    "An eval/qualtrics fix after training reopens the same run (same id, same resume key); a training change does not."
+    def head(*extra):
+        r = run("--stage", "pilot", *extra, "--print-config", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()[0]                  # "# stage=pilot run_id=pilot-xxxxxxxx config_hash=…"
+    assert head("--set", "eval.clip_weights=/data/clip.bin", "--set", "qualtrics.max_questions=5") == head()   # the repro
+    from opd.config import config_hash, load_config, run_id
+    pilot = load_config("pilot")
+    assert run_id(load_config("pilot", overrides=["eval.n_prompts=10"])) == run_id(pilot)
+    assert config_hash(load_config("pilot", overrides=["train.lr=3e-5"])) != config_hash(pilot)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from opd.config import EvalConfig, load_config
+from opd.config import LATEST, EvalConfig, eval_key, latest_dir, load_config
 from opd.eval import (SAMPLE_COLUMNS, bootstrap_ci, image_mse, load_clip, load_student_weights, pairwise_rms, paired_delta_ci,
                       resolve_ckpt)
 from opd.compare import grid_size, make_grids
@@ -52,12 +52,13 @@ def tiny_run(tmp_path_factory):
 
 def test_report_files(tiny_run):
     d, out = tiny_run
-    ev = d / "eval"
+    ev = latest_dir(d)
+    assert ev == d / "eval" / eval_key(load_config("tiny", overrides=["train.max_steps=3"]))   # eval/<key>/, named by eval/LATEST
     for f in ("summary.csv", "summary_by_category.csv", "summary.md", "per_sample.csv", "kl_per_step.csv", "samples.csv",
               "training_curves.png", "kl_per_step.png", "metrics.png", "eval.json", "config.yaml"):
         assert (ev / f).is_file(), f
         assert str(ev / f) in out, f"{f} not printed"
-    assert not (d / "eval.tmp").exists()
+    assert not list((d / "eval").glob(".*.tmp"))
     assert "heldout final-latent MSE: before" in out
     # the "before" student is rebuilt exactly as training started, the "after" weights load exactly (cross-process)
     assert out.count("— reproduced") == 2 and "DIFFERS" not in out, out
@@ -75,7 +76,7 @@ def test_report_files(tiny_run):
     assert set(smp.arm) == {"teacher", "before", "after"}
     assert (smp.groupby(["prompt_id", "seed"]).arm.nunique() == 3).all()         # same (prompt, seed) = same noise in every arm
     for r in smp.itertuples():
-        assert r.image_path == f"eval/images/{r.arm}/{r.prompt_id}_s{r.seed}.png" and (d / r.image_path).is_file()
+        assert r.image_path == f"eval/{ev.name}/images/{r.arm}/{r.prompt_id}_s{r.seed}.png" and (d / r.image_path).is_file()
     assert Image.open(d / smp.image_path[0]).size == (32, 32)
     ps = pd.read_csv(ev / "per_sample.csv", dtype={"seed": "Int64"})
     assert set(ps.dropna(subset=["seed"]).seed) <= set(smp.seed)                 # exact 63-bit seeds
@@ -84,9 +85,13 @@ def test_report_files(tiny_run):
 def test_checkpoint_and_bad_input(tiny_run, tmp_path):
     d, _ = tiny_run
     ck = d / "checkpoints" / "step-000003"
-    e = run("opd-eval", *TINY, "--ckpt", str(ck), "--out", str(tmp_path / "ck"), "--no-progress")
+    final = latest_dir(d); before = (final / "summary.csv").read_bytes()
+    e = run("opd-eval", *TINY, "--ckpt", str(ck), "--no-progress")          # a checkpoint of the finished run, into the run itself
     assert e.returncode == 0, e.stderr[-3000:]
-    assert (tmp_path / "ck" / "eval" / "summary.csv").is_file() and "step 3" in (tmp_path / "ck" / "eval" / "summary.md").read_text()
+    ck_dir = d / "eval" / eval_key(load_config("tiny", overrides=["train.max_steps=3"]), "step-000003")
+    assert (ck_dir / "summary.csv").is_file() and "step 3" in (ck_dir / "summary.md").read_text()
+    # the final student's evaluation is neither replaced nor displaced as the latest
+    assert latest_dir(d) == final and (final / "summary.csv").read_bytes() == before and (d / "eval" / LATEST).read_text().startswith("final-")
     # bad input: one line, exit 2, nothing written
     empty = tmp_path / "empty"; empty.mkdir()
     for bad in (tmp_path / "missing", empty):
@@ -112,12 +117,12 @@ def test_checkpoint_weights_equal_final_student(tiny_run):
 def test_grids(tiny_run):
     d, _ = tiny_run
     paths = make_grids(d, rows_per_grid=4, cell=64)
-    smp = pd.read_csv(d / "eval" / "samples.csv")
+    smp = pd.read_csv(latest_dir(d) / "samples.csv")
     n_units = smp[smp.split == "heldout"].drop_duplicates(["prompt_id", "seed"]).shape[0]
     held = sorted(p for p in paths if "grid_heldout" in p.name)
     assert len(held) == -(-n_units // 4)
     assert Image.open(held[0]).size == grid_size(4, 3, cell=64)
-    assert all("grid" in p.name and p.parent == d / "eval" for p in paths)
+    assert all("grid" in p.name and p.parent == latest_dir(d) for p in paths)
 
 
 WRITE_UP = ["pickscore", "hpsv2", "aesthetic", "fid", "kid"]
@@ -135,7 +140,7 @@ def test_write_up_metrics_offline(tiny_run, tmp_path):
     r = run("opd-eval", "--ckpt", str(d), "--out", str(new), "--no-progress", "--set", f"eval.metrics=[{','.join(WRITE_UP)}]",
             "--set", "eval.n_prompts=4")                                        # 4 prompts per split, 2 seeds: 16 images per arm
     assert r.returncode == 0, r.stderr[-3000:]
-    ev = new / "eval"
+    ev = latest_dir(new)
     s = pd.read_csv(ev / "summary.csv")
     assert set(WRITE_UP) <= set(s.metric) and {"gap_closed", "gap_closed_lo", "gap_closed_hi", "gap_status"} <= set(s.columns)
     for m in WRITE_UP:                                                          # every arm and split has a value

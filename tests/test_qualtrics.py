@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from opd.config import QualtricsConfig
+from opd.config import QualtricsConfig, latest_dir
 from opd.qualtrics import (AdvancedFormatError, SURVEY_COLUMNS, TXT_NAME, analyze_main, binom_interval, check_export,
                            export_main, export_survey, html_text, make_fake_eval_run, make_fake_responses,
-                           parse_advanced_format, wilson)
+                           parse_advanced_format, survey_key, wilson)
 
 CONDITION_WORDS = ("before", "after", "teacher", "student", "distill", "baseline", "random:tiny", "tiny-student")
 
@@ -34,7 +34,8 @@ def fake_run(tmp_path):
 def test_export_cli_blinded_and_complete(fake_run, tmp_path):
     r = run("opd-export-qualtrics", "--stage", "tiny", "--run-dir", str(fake_run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    s = fake_run / "survey"
+    s = latest_dir(fake_run, "survey")
+    assert s.parent == fake_run / "survey" and s.name == survey_key(fake_run, QualtricsConfig(), 0)
     assert r.stdout.split() == [str(s / "survey.csv"), str(s / "private" / "key.csv"), str(s / "private" / "manifest.json"),
                                 str(s / "public" / TXT_NAME), str(s / "public" / "images")]
     rep = check_export(fake_run)
@@ -67,18 +68,21 @@ def test_run_id_resolves_and_reexport_is_idempotent(tmp_path):
     rd = make_fake_eval_run(tmp_path / "outputs" / "runs" / "tiny-abc12345", n_prompts=3, seeds=(0,))
     r = run("opd-export-qualtrics", "--stage", "tiny", "--run-id", "tiny-abc12345", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    before = tree(rd / "survey")
+    first = latest_dir(rd, "survey")
+    before = tree(first)
     r2 = run("opd-export-qualtrics", "--stage", "tiny", "--run-id", "tiny-abc12345", cwd=tmp_path)
     assert r2.returncode == 0 and "unchanged" in r2.stderr, r2.stderr
+    # other settings: a new export beside the first (never over it), and survey/LATEST names the new one
     r3 = run("opd-export-qualtrics", "--stage", "tiny", "--run-id", "tiny-abc12345", "--set", "seed=1", cwd=tmp_path)
-    assert r3.returncode == 2 and r3.stderr.count("\n") == 1 and "different content" in r3.stderr, r3.stderr
-    assert tree(rd / "survey") == before
+    assert r3.returncode == 0, r3.stderr
+    assert tree(first) == before and latest_dir(rd, "survey") not in (first, rd / "survey")
+    assert sorted(p.name for p in (rd / "survey").iterdir()) == sorted(["LATEST", first.name, latest_dir(rd, "survey").name])
 
 def test_same_seed_identical_files_other_seed_differs(tmp_path):
     a = make_fake_eval_run(tmp_path / "a" / "tiny-x"); b = make_fake_eval_run(tmp_path / "b" / "tiny-x"); c = make_fake_eval_run(tmp_path / "c" / "tiny-x")
     export_survey(a, QualtricsConfig(), seed=7); export_survey(b, QualtricsConfig(), seed=7); export_survey(c, QualtricsConfig(), seed=8)
     assert tree(a / "survey") == tree(b / "survey")
-    ka, kc = (pd.read_csv(d / "survey" / "private" / "key.csv") for d in (a, c))
+    ka, kc = (pd.read_csv(latest_dir(d, "survey") / "private" / "key.csv") for d in (a, c))
     assert ka.prompt_id.tolist() != kc.prompt_id.tolist() or ka.distilled_slot.tolist() != kc.distilled_slot.tolist()
 
 def test_balance_and_teacher_arm(tmp_path):
@@ -103,7 +107,7 @@ def test_balance_and_teacher_arm(tmp_path):
 
 def test_strict_parser_rejects_broken_exports(fake_run):
     export_survey(fake_run, QualtricsConfig(), seed=0)
-    txt = (fake_run / "survey" / "public" / TXT_NAME).read_text()
+    txt = (latest_dir(fake_run, "survey") / "public" / TXT_NAME).read_text()
     assert parse_advanced_format(txt)
     for bad, why in [(txt.replace("[[PageBreak]]", "[[Pagebreak]]", 1), "unknown tag"),
                      (txt.replace("[[Choices]]\n", "", 1), "missing [[Choices]]"),
