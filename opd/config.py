@@ -20,8 +20,8 @@ __all__ = ['DISTILL_MODES', 'STAGES', 'SPEED_ONLY', 'TRAINING_KEYS', 'LATEST', '
            'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig', 'Config', 'stage_dict', 'parse_override',
            'config_with', 'as_overrides', 'load_config', 'config_overrides', 'config_hash', 'run_id', 'short_hash',
            'eval_key', 'git_commit', 'package_versions', 'repro_keys', 'project_root', 'runs_dir', 'run_dir_for',
-           'write_atomic', 'prepare_run_dir', 'set_latest', 'latest_dir', 'config_parser', 'config_from_args',
-           'print_config', 'cli_main']
+           'write_atomic', 'stored_config_hash', 'prepare_run_dir', 'set_latest', 'latest_dir', 'config_parser',
+           'config_from_args', 'print_config', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #1eca4b94
 class OpdError(Exception):
@@ -126,7 +126,7 @@ class EvalConfig(_Group):
     splits: list[Literal["train", "val", "heldout"]] = Field(default_factory=lambda: ["val", "heldout"])
     num_steps: Optional[int] = Field(None, ge=1, description="sampler steps (default: distill.num_steps)")
     clip_model: str = Field("tiny-random", description="open_clip model name (`tiny-random` = a tiny random CLIP for the tiny stage)")
-    clip_weights: Optional[str] = Field(None, description="local open_clip weights file (offline-safe)")
+    clip_weights: Optional[str] = Field(None, description="a local open_clip weights file, or one of the model's open_clip pretrained tags (default: openai, from the HF cache or downloaded)")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for 95% CIs")
     metrics: list[str] = Field(default_factory=list, description="optional write-up metrics (opd.metrics): pickscore, hpsv2, aesthetic, fid, kid")
     weights: dict[str, str] = Field(default_factory=dict, description="weights per metric key (pickscore, pickscore_processor, hpsv2, aesthetic, aesthetic_clip, inception/fid/kid): local path, hub id or tiny-random; unset: the tiny stand-ins on the tiny/toy stages, the published weights elsewhere")
@@ -341,7 +341,7 @@ def write_atomic(path: Path, text: str):
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
-def _stored_hash(d: Path) -> str | None:
+def stored_config_hash(d: Path) -> str | None:
     "Today's training hash of the config a run stored (runs before December 2026 recorded a whole-config hash)."
     try: return config_hash(Config.model_validate(yaml.safe_load((d / "config.yaml").read_text()) or {}))
     except (OSError, yaml.YAMLError, ValidationError): return None
@@ -353,7 +353,7 @@ def prepare_run_dir(cfg: Config, out: str | os.PathLike | None = None) -> Path:
     old = d / "run.json"
     if old.exists():
         prev = json.loads(old.read_text()).get("config_hash")
-        if prev != config_hash(cfg) and _stored_hash(d) != config_hash(cfg):
+        if prev != config_hash(cfg) and stored_config_hash(d) != config_hash(cfg):
             raise OpdError("--out", str(d), msg=f"--out={str(d)!r} holds a run with another config (hash {str(prev)[:8]}); allowed: a new or empty directory, or the same config")
         return d
     d.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ from .config import _stored_hash
 
 # %% auto #0
 __all__ = ['PREFLIGHT_CHECKS', 'Check', 'PreflightContext', 'preflight_check', 'hub_snapshot', 'missing_parts', 'weights_check',
-           'clip_check', 'is_real', 'gpu_gib', 'memory_check', 'disk_plan', 'disk_check', 'folders_check',
-           'models_check', 'Preflight', 'preflight', 'check_or_raise']
+           'clip_check', 'metric_weights_check', 'is_real', 'gpu_gib', 'memory_check', 'disk_plan', 'disk_check',
+           'folders_check', 'models_check', 'Preflight', 'preflight', 'check_or_raise']
 
 # %% ../nbs/15_preflight.ipynb #41dffa4d
 from .models import hub_offline, parse_spec
@@ -111,6 +111,31 @@ def clip_check(cfg: Config, ctx: PreflightContext) -> list[Check]:
     if hub_offline(): return [Check("CLIP", False, f"{name}/{tag}: not in the local cache and the hub cannot be reached",
                                     f"with network: python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{tag}')\", copy the HF cache and set HF_HOME; or --set eval.clip_weights=<a local file>")]
     return [Check("CLIP", True, f"{name}/{tag}: will be downloaded at the eval step")]
+
+# %% ../nbs/15_preflight.ipynb #1308d0a1
+@preflight_check("metric weights")
+def metric_weights_check(cfg: Config, ctx: PreflightContext) -> list[Check]:
+    "One check per weights file the configured `eval.metrics` need."
+    from huggingface_hub import try_to_load_from_cache
+    import torch
+    from opd.metrics import METRIC_NAMES, TINY, WEIGHT_KEYS, weight_spec
+    out = [Check(f"metric {m}", False, f"eval.metrics has {m!r}: not an available metric", f"--set eval.metrics=[…] with {', '.join(METRIC_NAMES)}")
+           for m in cfg.eval.metrics if m not in WEIGHT_KEYS]
+    for key in dict.fromkeys(k for m in cfg.eval.metrics if m in WEIGHT_KEYS for k in WEIGHT_KEYS[m]):
+        spec, name = weight_spec(cfg.eval.weights, key, cfg.stage), f"metric weights {key}"
+        if spec == TINY: out.append(Check(name, True, "tiny stand-in, built on first use")); continue
+        if Path(spec).expanduser().exists(): out.append(Check(name, True, f"local {spec}")); continue
+        if spec.startswith(("http://", "https://")):
+            cached = (Path(torch.hub.get_dir()) / "checkpoints" / spec.rsplit("/", 1)[-1]).is_file()
+        else:
+            parts = spec.split("/")
+            file = "/".join(parts[2:]) or "config.json"                # a hub file, or a model folder's config
+            cached = len(parts) >= 2 and isinstance(try_to_load_from_cache("/".join(parts[:2]), file, cache_dir=ctx.hf_cache), str)
+        if cached: out.append(Check(name, True, f"{spec}: in the cache"))
+        elif hub_offline(): out.append(Check(name, False, f"{spec}: not in the local cache and the hub cannot be reached",
+                                             f"--set eval.weights.{key}=<a local path>, or fetch it once where the hub is reachable"))
+        else: out.append(Check(name, True, f"{spec}: will be downloaded at the eval step"))
+    return out
 
 # %% ../nbs/15_preflight.ipynb #7b6af54f
 def is_real(cfg: Config) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import (Config, OpdError, cli_main, config_from_args, config_hash, config_parser, load_config,
+from .config import (Config, OpdError, cli_main, config_from_args, config_hash, stored_config_hash, config_parser, load_config,
                         prepare_run_dir, print_config, repro_keys)
 from .rollout import PromptBatch, RolloutEngine, derive_seed, _now
 from .losses import RewardComputer, final_latent_mse, per_step_kl
@@ -342,7 +342,9 @@ def _resume(self: DistillTrainer, where="auto") -> Optional[Path]:
         problem = verify_checkpoint(ck) if ck.is_dir() else "no such checkpoint folder"
         if problem: raise OpdError("--resume", str(ck), msg=f"--resume={str(ck)!r} is unusable: {problem}")
     st = json.loads((ck / "state.json").read_text())
-    if st["config_hash"] != config_hash(self.cfg):
+    recorded = json.loads((self.run_dir / "run.json").read_text()).get("config_hash") if (self.run_dir / "run.json").is_file() else None
+    legacy = st["config_hash"] == recorded and stored_config_hash(self.run_dir) == config_hash(self.cfg)   # written before Dec 2026 (whole-config hash)
+    if st["config_hash"] != config_hash(self.cfg) and not legacy:
         raise OpdError("--resume", str(ck), msg=f"--resume={str(ck)!r} was written with another config (hash {st['config_hash'][:8]})")
     self.accel.load_state(str(ck))
     self.global_step, self.nonfinite = st["step"], st["nonfinite"]
