@@ -124,9 +124,8 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
     from opd.models import check_sources
     from opd.preflight import check_or_raise, is_real
     loads = bool(_loads_weights(cfg, run_dir_for(cfg, out), names, force))
-    if loads: check_sources(cfg)          # a model spec that cannot work fails here, before the run directory is written
-    auto = is_real(cfg) and loads
-    if preflight if preflight is not None else auto: check_or_raise(cfg, out, gpu_gb, log)   # before anything is written
+    if preflight if preflight is not None else (is_real(cfg) and loads): check_or_raise(cfg, out, gpu_gb, log)   # the whole table, before anything is written
+    if loads: check_sources(cfg)          # then what the table does not cover (e.g. a student's text encoders), still before anything is written
     run_dir = prepare_run_dir(cfg, out)
     state = _read_state(run_dir)
     if force: 

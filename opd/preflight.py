@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import pandas as pd
 
 from .config import Config, OpdError, config_hash, run_dir_for
-from .config import _stored_hash
+from .config import stored_config_hash
 
 # %% auto #0
 __all__ = ['PREFLIGHT_CHECKS', 'Check', 'PreflightContext', 'preflight_check', 'hub_snapshot', 'missing_parts', 'weights_check',
@@ -236,7 +236,7 @@ def folders_check(cfg: Config, ctx: PreflightContext) -> list[Check]:
     d = Path(ctx.run_dir); out = []
     if d.exists() and not d.is_dir(): return [Check("run folder", False, f"{d} is a file", "--out <a directory path>")]
     old = d / "run.json"
-    if old.is_file() and json.loads(old.read_text()).get("config_hash") != config_hash(cfg) and _stored_hash(d) != config_hash(cfg):
+    if old.is_file() and json.loads(old.read_text()).get("config_hash") != config_hash(cfg) and stored_config_hash(d) != config_hash(cfg):
         return [Check("run folder", False, f"{d} holds a run with another training config", "--out <a new or empty directory>, or the run's own config")]
     anc = _existing_parent(d); why = _writable(anc)
     out.append(Check("run folder", why is None, f"{d} ({'exists' if d.exists() else f'will be created under {anc}'})" + (f": not writable ({why})" if why else ""),
