@@ -264,6 +264,7 @@ def _pipeline_cli(argv=None):
     p.add_argument("--notebooks", action="store_true", help="run each step that has a notebook job as that notebook (papermill); executed copies go to <run_dir>/notebooks/")
     p.add_argument("--preflight", action="store_true", help="only check that the run can go through (weights, GPU memory, disk, folders), print the table and exit (2 on any ✗)")
     p.add_argument("--gpu-gb", help="plan the GPU memory for a GPU of this many GiB (default: the GPU found)")
+    p.add_argument("--no-preflight", action="store_true", help="skip the automatic preflight of a real run (e.g. the CPU smoke run on the hub replica: no GPU, tiny weights behind the real ids)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config: return print_config(cfg)
@@ -274,7 +275,8 @@ def _pipeline_cli(argv=None):
         from opd.preflight import check_or_raise
         check_or_raise(cfg, args.out, gpu_gb); return
     steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
-    state = run_pipeline(cfg, args.out, steps=steps, force=args.force, notebooks=args.notebooks, gpu_gb=gpu_gb)
+    state = run_pipeline(cfg, args.out, steps=steps, force=args.force, notebooks=args.notebooks, gpu_gb=gpu_gb,
+                         preflight=False if args.no_preflight else None)
     rd = Path(state["run_dir"])
     if args.ablation:
         abl = run_ablation(cfg, rd)
