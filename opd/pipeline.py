@@ -255,6 +255,7 @@ def run_ablation(cfg: Config, run_dir, arms: Optional[dict] = None, seeds: Optio
                 n = c.train.batch_size * c.train.grad_accum
                 tf, sf, kl = tf + t * n, sf + s * n, m.kl_loss
             log(f"[ablation] {arm} seed {seed}: {steps} steps, {time.perf_counter() - t0:.0f} s")
+            write_atomic(root / "ablation.csv", pd.DataFrame(rows).to_csv(index=False))     # every finished run is kept
     bar.close()
     df = pd.DataFrame(rows).dropna(axis=1, how="all")
     write_atomic(root / "ablation.csv", df.to_csv(index=False))
