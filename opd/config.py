@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['DISTILL_MODES', 'STAGES', 'SPEED_ONLY', 'TRAINING_KEYS', 'LATEST', 'OpdError', 'ModelConfig', 'PromptsConfig',
-           'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig', 'Config', 'stage_dict', 'parse_override',
-           'config_with', 'as_overrides', 'load_config', 'config_overrides', 'config_hash', 'run_id', 'short_hash',
-           'eval_key', 'git_commit', 'package_versions', 'repro_keys', 'project_root', 'runs_dir', 'run_dir_for',
-           'write_atomic', 'stored_config_hash', 'prepare_run_dir', 'set_latest', 'latest_dir', 'config_parser',
-           'config_from_args', 'print_config', 'cli_main']
+           'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig', 'AblationConfig', 'Config', 'stage_dict',
+           'parse_override', 'config_with', 'as_overrides', 'load_config', 'config_overrides', 'config_hash', 'run_id',
+           'short_hash', 'eval_key', 'git_commit', 'package_versions', 'repro_keys', 'project_root', 'runs_dir',
+           'run_dir_for', 'write_atomic', 'stored_config_hash', 'prepare_run_dir', 'set_latest', 'latest_dir',
+           'config_parser', 'config_from_args', 'print_config', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #1eca4b94
 class OpdError(Exception):
@@ -139,6 +139,18 @@ class QualtricsConfig(_Group):
     teacher_arm: bool = Field(False, description="add teacher-reference questions")
     max_questions: int = Field(40, ge=1)
 
+# %% ../nbs/00_config.ipynb #ab19c0a2
+_MODE = DistillConfig.model_fields["mode"].annotation   # the Literal of the four modes
+
+class AblationConfig(_Group):
+    "The on- vs off-policy ablation: one student per arm (`distill.mode`) and seed, metrics every `eval_every` steps."
+    arms: list[_MODE] = Field(
+        default_factory=lambda: ["on_policy", "teacher", "forward", "mixed"], description="the distill.mode of each arm")
+    seeds: int = Field(1, ge=1, description="training seeds 0 .. seeds-1 per arm")
+    eval_every: int = Field(0, ge=0, description="metrics every N optimizer steps (0 = at the start and the end only)")
+    eval_prompts: int = Field(1, ge=1, description="training prompts per category in the evaluation set")
+    seeds_per_prompt: int = Field(8, ge=1, description="initial noises per evaluation prompt (shared by every arm of a seed)")
+
 # %% ../nbs/00_config.ipynb #9880c36b
 class Config(_Group):
     "A resolved opd configuration."
@@ -151,6 +163,7 @@ class Config(_Group):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     qualtrics: QualtricsConfig = Field(default_factory=QualtricsConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
 
 # %% ../nbs/00_config.ipynb #254d4485
 _GROUPS = {"model": ModelConfig, "prompts": PromptsConfig, "train": TrainConfig, "distill": DistillConfig,

@@ -15,19 +15,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import DISTILL_MODES, Config, OpdError, config_with, load_config
+from .config import Config, OpdError, load_config
 from .prompts import CATEGORIES, _VOCAB
 from .rollout import PromptBatch, RolloutEngine, derive_seed, draw, flow_sigmas, sample_generators, sde_step
 from .losses import gaussian_kl, final_latent_mse
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'SD3_LATENT_RGB', 'SD3_LATENT_RGB_BIAS', 'EXACT_SPEC_HELP', 'ABLATION_MODES', 'EXACT_CATEGORIES',
-           'EXACT_OVERRIDES', 'layout_pattern', 'latent_preview', 'show_previews', 'GMMSpec', 'gmm_means',
-           'category_of', 'prompt_words', 'PromptList', 'prompts_of', 'ExactGMMTeacher', 'mc_velocity', 'ExactPair',
-           'prompt_batch', 'sample_prompts', 'nll_per_dim', 'mode_coverage', 'exact_step_kl', 'is_exact_spec',
-           'parse_exact_spec', 'build_exact_pair', 'ExactEvalSet', 'make_eval_set', 'sample_metrics', 'exact_metrics',
-           'reference_metrics', 'run_exact_ablation', 'plot_exact_ablation', 'plot_modes_pca', 'exact_config',
-           'save_ablation', 'load_ablation']
+__all__ = ['LAYOUTS', 'SD3_LATENT_RGB', 'SD3_LATENT_RGB_BIAS', 'EXACT_SPEC_HELP', 'layout_pattern', 'latent_preview',
+           'show_previews', 'GMMSpec', 'gmm_means', 'category_of', 'prompt_words', 'PromptList', 'prompts_of',
+           'ExactGMMTeacher', 'mc_velocity', 'ExactPair', 'prompt_batch', 'sample_prompts', 'nll_per_dim',
+           'mode_coverage', 'exact_step_kl', 'is_exact_spec', 'parse_exact_spec', 'build_exact_pair', 'ExactEvalSet',
+           'make_eval_set', 'sample_metrics', 'exact_metrics', 'reference_metrics', 'exact_config']
 
 # %% ../nbs/09_exact_teacher.ipynb #f1774717
 LAYOUTS = ("blob", "hband", "vband", "two_blobs", "diagonal", "frame")
@@ -444,11 +442,11 @@ def sample_metrics(teacher: ExactGMMTeacher, x0: Tensor, prompts: Sequence[str],
 
 def exact_metrics(pair, engine: RolloutEngine, ev: ExactEvalSet, n_boot: int = 1000, min_expected: float = 10.0,
                   with_kl: bool = True) -> tuple[dict, Tensor]:
-    "The student's exact metrics on `ev` (see above) and its samples."
+    "The student's exact metrics on `ev` (see above) and its samples; with a teacher that is not exact, only `latent_mse` and the path KL."
     tr = getattr(pair.student, "transformer", None)
     if tr is not None: tr.eval()
     xs = _sample_chunked(engine, ev.batch, "student")
-    out = sample_metrics(pair.teacher, xs, ev.batch.prompts, n_boot, min_expected)
+    out = sample_metrics(pair.teacher, xs, ev.batch.prompts, n_boot, min_expected) if isinstance(pair.teacher, ExactGMMTeacher) else {}
     out["latent_mse"] = float(final_latent_mse(xs, ev.teacher_x0).mean())
     if with_kl: out |= {k: v for k, v in exact_step_kl(engine, ev.kl_batch).items() if k != "kl_per_step"}
     if tr is not None: tr.train()
@@ -461,113 +459,6 @@ def reference_metrics(pair, ev: ExactEvalSet, n_boot: int = 1000, min_expected: 
     return {"teacher_sampler": sample_metrics(pair.teacher, ev.teacher_x0, P, n_boot, min_expected) | dict(latent_mse=0.0),
             "data": sample_metrics(pair.teacher, x_data, P, n_boot, min_expected)}, x_data
 
-# %% ../nbs/09_exact_teacher.ipynb #52d7a32c
-ABLATION_MODES = DISTILL_MODES
-
-def run_exact_ablation(cfg: Config, modes: Sequence[str] = ABLATION_MODES, seeds: Sequence[int] = (0,), steps: int = 60,
-                       eval_every: int = 20, eval_prompts: int = 4, seeds_per_prompt: int = 32, workdir=None,
-                       progress: bool = True, n_boot: int = 200, min_expected: float = 10.0) -> dict:
-    "Train one student per (mode, seed) on the exact pair; returns `history`, `final`, `reference` (DataFrames) and `samples`."
-    import pandas as pd
-    from tqdm.auto import tqdm
-    from opd.train import DistillTrainer
-    for m in modes:
-        if m not in ABLATION_MODES: raise OpdError("distill.mode", m, ", ".join(ABLATION_MODES))
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="opd-exact-"))
-    hist, refs, samples = [], [], {}
-    bar = tqdm(total=len(modes) * len(seeds) * steps, desc="exact ablation", disable=not progress)
-    for seed in seeds:
-        ev = None
-        for mode in modes:
-            c = config_with(cfg, seed=int(seed), **{"distill.mode": mode, "train.max_steps": int(steps)})
-            pair = build_exact_pair(c, cache_dir=workdir / "text_cache")
-            tr = DistillTrainer(c, workdir / f"{mode}-s{seed}", pair=pair, progress=False)
-            if ev is None:   # one evaluation set per seed: the same prompts and noise for every mode
-                recs = sorted((r for r in tr.records if r.get("split") == "train"), key=lambda r: r["prompt_id"])
-                pick = [r["prompt"] for r in recs[:: max(1, len(recs) // eval_prompts)][:eval_prompts]]
-                ev = make_eval_set(pair, tr.engine, pick, seeds_per_prompt, seed)
-                ref, x_data = reference_metrics(pair, ev, n_boot, min_expected, seed=seed)
-                refs += [dict(mode=k, seed=seed, **v) for k, v in ref.items()]
-                samples[("teacher_sampler", seed)], samples[("data", seed)] = ev.teacher_x0, x_data
-                samples[("prompts", seed)] = ev.batch.prompts
-            t0 = time.perf_counter()
-            for i in range(steps + 1):
-                if i % eval_every == 0 or i == steps:
-                    met, xs = exact_metrics(pair, tr.engine, ev, n_boot, min_expected)
-                    row = dict(mode=mode, seed=seed, step=i, train_kl=float("nan") if i == 0 else m.kl_loss, **met)
-                    hist.append(row)
-                if i == steps: break
-                m = tr.step(tr.stream.batch(i)); bar.update(1)
-            hist[-1]["wall_s"] = time.perf_counter() - t0
-            samples[(mode, seed)] = xs
-            teacher = pair.teacher
-    bar.close()
-    H = pd.DataFrame(hist)
-    final = H[H.step == steps].groupby("mode", sort=False).agg(
-        **{f"{k}": (k, "mean") for k in ("nll", "tv", "dropped", "collapse", "off_mode", "spread", "latent_mse", "kl_path_per_dim")},
-        **{f"{k}_sd": (k, "std") for k in ("nll", "tv", "latent_mse")}, seeds=("seed", "count"))
-    return dict(history=H, final=final, reference=pd.DataFrame(refs).groupby("mode", sort=False).mean(numeric_only=True), samples=samples,
-                teacher=teacher, workdir=workdir)
-
-# %% ../nbs/09_exact_teacher.ipynb #333738d7
-_METRIC_LABELS = {"nll": "NLL under the true mixture (nats/dim)", "tv": "mode TV distance", "latent_mse": "final-latent MSE vs teacher",
-                  "spread": "within-mode spread (× c²)", "kl_path_per_dim": "exact path KL (nats/dim)", "dropped": "dropped modes"}
-
-def plot_exact_ablation(R: dict, metrics: Sequence[str] = ("nll", "tv", "latent_mse", "spread"), size: float = 3.4):
-    "Metrics over training per mode (mean over seeds, min–max band) with the teacher/data references dashed."
-    import matplotlib.pyplot as plt
-    H, ref = R["history"], R["reference"]
-    fig, axs = plt.subplots(1, len(metrics), figsize=(size * len(metrics), size * 0.85))
-    for ax, k in zip(np.atleast_1d(axs), metrics):
-        for mode, g in H.groupby("mode", sort=False):
-            s = g.groupby("step")[k]
-            ax.plot(s.mean().index, s.mean().values, marker=".", label=mode)
-            ax.fill_between(s.mean().index, s.min().values, s.max().values, alpha=.15)
-        for name, ls in (("teacher_sampler", "--"), ("data", ":")):
-            if k in ref.columns and name in ref.index and np.isfinite(ref.loc[name, k]):
-                ax.axhline(ref.loc[name, k], color="k", ls=ls, lw=1, label=f"{name} (ref)")
-        if k in ("nll", "spread", "latent_mse", "kl_path_per_dim") and (H[k] > 0).all(): ax.set_yscale("log")
-        ax.set_title(_METRIC_LABELS.get(k, k), fontsize=9); ax.set_xlabel("optimizer step")
-    np.atleast_1d(axs)[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-def _pca2(x: Tensor) -> tuple[Tensor, Tensor]:
-    "Mean and the top-2 principal directions (D, 2) of rows of x."
-    mu = x.mean(0)
-    _, _, V = torch.linalg.svd(x - mu, full_matrices=False)
-    return mu, V[:2].T
-
-def plot_modes_pca(R: dict, teacher: ExactGMMTeacher, seed: int = 0, prompt_index: int = 0, modes: Optional[Sequence[str]] = None, size: float = 2.6):
-    "Samples of one evaluation prompt in 2-D (PCA fitted on the data and teacher-sampler samples), coloured by assigned mode."
-    import matplotlib.pyplot as plt
-    S = R["samples"]
-    P = S[("prompts", seed)]
-    prompt = list(dict.fromkeys(P))[prompt_index]
-    idx = [i for i, p in enumerate(P) if p == prompt]
-    names = ["data", "teacher_sampler", *[m for m in (modes or ABLATION_MODES) if (m, seed) in S]]
-    X = {n: S[(n, seed)][idx].double().flatten(1).cpu() for n in names}
-    mu, W = _pca2(torch.cat([X["data"], X["teacher_sampler"]]))
-    cat = teacher.category(prompt); M = teacher.spec.modes_per_category
-    k = teacher.cat_index[cat]
-    means = teacher.means[k * M:(k + 1) * M].cpu()
-    w = teacher.weights_of(prompt)[k * M:(k + 1) * M]
-    pm = (means - mu) @ W
-    cols = plt.cm.tab10(np.arange(M))
-    fig, axs = plt.subplots(1, len(names), figsize=(size * len(names), size), sharex=True, sharey=True)
-    for ax, n in zip(axs, names):
-        z = (X[n] - mu) @ W
-        comp = teacher.assign(S[(n, seed)][idx], [prompt] * len(idx)) - k * M
-        ok = (comp >= 0) & (comp < M)
-        ax.scatter(z[:, 0], z[:, 1], c=cols[comp.clamp(0, M - 1).numpy()], s=10, alpha=.8)
-        ax.scatter(pm[:, 0], pm[:, 1], c=cols, marker="X", s=80, edgecolor="k")
-        hist = np.bincount(comp[ok].numpy(), minlength=M) / max(1, len(idx))
-        ax.set_title(f"{n}\n" + " ".join(f"{h:.2f}" for h in hist), fontsize=8)
-    axs[0].set_ylabel(f"{cat}: true w = " + " ".join(f"{v:.2f}" for v in w.tolist()), fontsize=8)
-    fig.suptitle("PCA of one prompt's samples (X = mode means; colour = assigned mode; title = empirical mode shares)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
 # %% ../nbs/09_exact_teacher.ipynb #b924fb55
 def _register_student():
     from opd.models import ARCHS, TINY_TRANSFORMER, register_arch
@@ -576,34 +467,8 @@ def _register_student():
                       transformer=TINY_TRANSFORMER | dict(num_layers=2, attention_head_dim=32, caption_projection_dim=128)))
 _register_student()
 
-EXACT_CATEGORIES = ("fashion", "food", "tech", "beauty")
-EXACT_OVERRIDES = ("model.teacher=exact:gmm", "model.student=random:tiny-exact-student", "model.device=cpu", "model.resolution=16",
-                   f"prompts.categories=[{','.join(EXACT_CATEGORIES)}]", "prompts.heldout_categories=[]", "prompts.n_prompts=24",
-                   "train.lr=3e-3", "train.checkpoint_every=1000000")
-
-def exact_config(*overrides: str, stage: str = "tiny") -> Config:
-    "The exact-teacher testbed config: the `stage` with `EXACT_OVERRIDES`, then `overrides`."
-    return load_config(stage, overrides=[*EXACT_OVERRIDES, *overrides])
-
-# %% ../nbs/09_exact_teacher.ipynb #07030f97
-def save_ablation(R: dict, out) -> list[Path]:
-    "Write history.csv, final.csv, reference.csv, spec.json (the mixture) and samples.pt (final latents per mode and seed) under `out`."
-    import json
-    from dataclasses import asdict
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "history.csv", out / "final.csv", out / "reference.csv", out / "samples.pt", out / "spec.json"]
-    paths[4].write_text(json.dumps(asdict(R["teacher"].spec)))
-    R["history"].to_csv(paths[0], index=False); R["final"].to_csv(paths[1]); R["reference"].to_csv(paths[2])
-    torch.save({f"{k[0]}|{k[1]}": v for k, v in R["samples"].items()}, paths[3])
-    return paths
-
-def load_ablation(out) -> dict:
-    "Read what `save_ablation` wrote."
-    import json, pandas as pd
-    out = Path(out)
-    spec = json.loads((out / "spec.json").read_text())
-    spec = GMMSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
-    S = torch.load(out / "samples.pt")
-    samples = {(k.split("|")[0], int(k.split("|")[1])): v for k, v in S.items()}
-    return dict(history=pd.read_csv(out / "history.csv"), final=pd.read_csv(out / "final.csv", index_col=0),
-                reference=pd.read_csv(out / "reference.csv", index_col=0), samples=samples, teacher=ExactGMMTeacher(spec))
+def exact_config(*overrides: str, stage: str = "toy") -> Config:
+    "`stage` (default `toy`) with `overrides`; its teacher must be exact (`exact:gmm…`): the metrics need the true mixture."
+    cfg = load_config(stage, overrides=list(overrides))
+    if not is_exact_spec(cfg.model.teacher): raise OpdError("model.teacher", cfg.model.teacher, f"{EXACT_SPEC_HELP} (the toy stage)")
+    return cfg

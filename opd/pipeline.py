@@ -17,8 +17,10 @@ from .config import (DISTILL_MODES, Config, OpdError, cli_main, config_from_args
 from .config import eval_key, latest_dir
 
 # %% auto #0
-__all__ = ['STEPS', 'STEP_FILES', 'STEP_KEYS', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'step_outputs', 'run_pipeline',
-           'headline', 'nbs_dir', 'job_cells', 'run_notebook', 'run_ablation', 'plot_ablation', 'main']
+__all__ = ['STEPS', 'STEP_FILES', 'STEP_KEYS', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'ABLATION_METRICS',
+           'step_outputs', 'run_pipeline', 'headline', 'nbs_dir', 'job_cells', 'run_notebook', 'ablation_forwards',
+           'run_ablation', 'seed_ci', 'ablation_summary', 'equal_compute_budget', 'ablation_report', 'plot_ablation',
+           'main']
 
 # %% ../nbs/10_pipeline.ipynb #144f9a33
 def _records(cfg, run_dir, ctx):
@@ -211,48 +213,168 @@ def run_notebook(step: str, cfg: Config, run_dir, log=print) -> list[Path]:
         raise
     return [dest, *step_outputs(step, run_dir, ran=f" (notebook job {src.name}: see {dest})")]
 
+# %% ../nbs/10_pipeline.ipynb #ab19c0b0
+import numpy as np
+from .config import config_with
+
 # %% ../nbs/10_pipeline.ipynb #2c773227
 ABLATION_MODES = DISTILL_MODES
+ABLATION_METRICS = ("nll", "tv", "dropped", "judged", "collapse", "off_mode", "spread", "path_kl", "latent_mse")
 
-def run_ablation(cfg: Config, run_dir, modes: Sequence[str] = ABLATION_MODES, progress: bool = True, log=print) -> pd.DataFrame:
-    "Train and evaluate one student per mode under `run_dir/ablation/<mode>/`; returns the table (also CSV, Markdown, PNG)."
-    from opd.train import distill
-    from opd.eval import evaluate
+def ablation_forwards(cfg: Config, source: str) -> tuple[float, float]:
+    "Model forwards per training sample of one step whose states came from `source`: (teacher, student)."
+    d = cfg.distill
+    K, T = d.num_steps, min(cfg.train.timesteps_per_sample or d.num_steps, d.num_steps)
+    gt, gs = 1 + (d.teacher_guidance != 1), 1 + (d.student_guidance != 1)   # CFG doubles a model's forwards
+    if "+" in source:                                      # micro-batches of both kinds in one step: their mean
+        parts = [ablation_forwards(cfg, s) for s in source.split("+")]
+        return tuple(sum(p[i] for p in parts) / len(parts) for i in (0, 1))
+    trained = T * gs                                       # the student's forward (+ backward) at the trained states
+    if source == "on_policy": return T * gt, K * gs + trained       # K student rollout forwards; teacher grades the trained states
+    if source == "teacher": return K * gt, trained                 # the teacher's trajectory (its means are the targets)
+    if source == "forward": return K * gt + T * gt, trained        # teacher ODE sample, then grading at the re-noised states
+    if source == "mixed":
+        (t1, s1), (t0, s0), lam = ablation_forwards(cfg, "on_policy"), ablation_forwards(cfg, "teacher"), d.mixed_lambda
+        return lam * t1 + (1 - lam) * t0, lam * s1 + (1 - lam) * s0
+    raise OpdError("distill.mode", source, ", ".join(ABLATION_MODES))
+
+# %% ../nbs/10_pipeline.ipynb #ab19c0b3
+def _eval_prompts(records: list, per_category: int) -> list[str]:
+    "The first `per_category` training prompts (by id) of every category: every mode of every category gets judged."
+    by = {}
+    for r in sorted((r for r in records if r.get("split", "train") == "train"), key=lambda r: r["prompt_id"]):
+        by.setdefault(r.get("category"), []).append(r["prompt"])
+    return [p for ps in by.values() for p in ps[:per_category]]
+
+def run_ablation(cfg: Config, run_dir, arms: Optional[dict] = None, seeds: Optional[Sequence[int]] = None,
+                 progress: bool = True, log=print, min_expected: float = 10.0) -> pd.DataFrame:
+    "Train one student per arm and seed for `train.max_steps`, measuring it every `ablation.eval_every` steps; writes `run_dir/ablation/`."
+    from tqdm.auto import tqdm
+    from opd.exact import ExactGMMTeacher, exact_metrics, make_eval_set, reference_metrics
+    from opd.models import load_models
+    from opd.train import DistillTrainer
+    ac, steps = cfg.ablation, cfg.train.max_steps
+    arms = arms or {m: {"distill.mode": m} for m in ac.arms}     # arm name → dotted config updates
+    seeds = list(range(ac.seeds)) if seeds is None else list(seeds)
+    every = ac.eval_every or steps
     root = Path(run_dir) / "ablation"
-    rows = []
-    for mode in modes:
-        c = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"mode": mode})})
-        d = root / mode
-        log(f"[ablation] {mode}")
-        t0 = time.perf_counter()
-        s = distill(c, d, resume="auto", progress=progress)
-        t_train = time.perf_counter() - t0
-        if not (latest_dir(d) / "summary.csv").is_file(): evaluate(c, d, progress=progress)
-        summ = pd.read_csv(latest_dir(d) / "summary.csv")
-        for split in summ.split.unique():
-            for metric in ("final_latent_mse", "kl_on_policy"):
-                r = summ[(summ.split == split) & (summ.metric == metric)]
-                if len(r): rows.append(dict(mode=mode, split=split, metric=metric, **r.iloc[0][["before", "after", "after_lo", "after_hi"]].to_dict(),
-                                            train_s=round(t_train, 1) if (d / "train_summary.json").is_file() else None))
-    df = pd.DataFrame(rows)
-    root.mkdir(parents=True, exist_ok=True)
-    df.to_csv(root / "ablation.csv", index=False)
-    (root / "ablation.md").write_text(df.to_markdown(index=False, floatfmt=".4g"))
-    plot_ablation(df, root / "ablation.png")
+    rows, refs = [], []
+    bar = tqdm(total=len(arms) * len(seeds) * steps, desc="ablation", disable=not progress)
+    for seed in seeds:
+        ev = None
+        for arm, upd in arms.items():
+            c = config_with(cfg, seed=int(seed), **upd)
+            pair = load_models(c, cache_dir=root / "text_cache")
+            tr = DistillTrainer(c, root / "runs" / f"{arm}-s{seed}", pair=pair, progress=False)
+            exact = isinstance(pair.teacher, ExactGMMTeacher)
+            if ev is None:        # one evaluation set per seed: the same prompts and noises for every arm
+                ev = make_eval_set(pair, tr.engine, _eval_prompts(tr.records, ac.eval_prompts), ac.seeds_per_prompt, seed)
+                if exact:
+                    ref, _ = reference_metrics(pair, ev, cfg.eval.bootstrap, min_expected, seed=seed)
+                    refs += [dict(arm=k, seed=seed, **v) for k, v in ref.items()]
+            tf = sf = 0.0
+            t0, kl = time.perf_counter(), float("nan")
+            for i in range(steps + 1):
+                if i % every == 0 or i == steps:
+                    met, _ = exact_metrics(pair, tr.engine, ev, cfg.eval.bootstrap, min_expected)
+                    met["path_kl"] = met.pop("kl_path_per_dim")
+                    rows.append(dict(arm=arm, seed=seed, step=i, teacher_forwards=tf, student_forwards=sf, train_kl=kl,
+                                     **{k: met[k] for k in ABLATION_METRICS if k in met}, nll_lo=met.get("nll_lo"), nll_hi=met.get("nll_hi")))
+                if i == steps: break
+                m = tr.step(tr.stream.batch(i)); bar.update(1)
+                t, s = ablation_forwards(c, m.source)
+                n = c.train.batch_size * c.train.grad_accum
+                tf, sf, kl = tf + t * n, sf + s * n, m.kl_loss
+            log(f"[ablation] {arm} seed {seed}: {steps} steps, {time.perf_counter() - t0:.0f} s")
+            write_atomic(root / "ablation.csv", pd.DataFrame(rows).to_csv(index=False))     # every finished run is kept
+    bar.close()
+    df = pd.DataFrame(rows).dropna(axis=1, how="all")
+    write_atomic(root / "ablation.csv", df.to_csv(index=False))
+    ref = pd.DataFrame(refs)
+    if len(ref): write_atomic(root / "reference.csv", ref.to_csv(index=False))
+    write_atomic(root / "ablation.md", ablation_report(df, ref))
+    for x, name in (("step", "ablation.png"), ("forwards", "ablation_compute.png")):
+        fig = plot_ablation(df, ref, x=x); fig.savefig(root / name, dpi=120)
+        import matplotlib.pyplot as plt; plt.close(fig)
     return df
 
-def plot_ablation(df: pd.DataFrame, path=None):
-    "Bars with 95% CIs: held-out final-latent MSE and on-policy KL after training, per mode."
+# %% ../nbs/10_pipeline.ipynb #ab19c0b5
+def seed_ci(x) -> tuple[float, float, float]:
+    "Mean and 95% Student-t interval over seeds (nan bounds for a single seed)."
+    from scipy import stats
+    x = np.asarray(x, dtype=float)
+    m = float(x.mean())
+    if len(x) < 2: return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return m, m - h, m + h
+
+def _forwards(h: pd.DataFrame) -> pd.Series: return h["teacher_forwards"] + h["student_forwards"]
+
+def ablation_summary(df: pd.DataFrame, budget: Optional[float] = None) -> pd.DataFrame:
+    "Per arm: mean and 95% CI over seeds of every metric at the last step, or, given `budget`, interpolated at that many model forwards."
+    metrics = [k for k in ABLATION_METRICS if k in df]
+    out = []
+    for arm, g in df.groupby("arm", sort=False):
+        per_seed = []
+        for _, h in g.groupby("seed"):
+            h = h.sort_values("step")
+            if budget is None: per_seed.append(h.iloc[-1][metrics].astype(float).to_dict() | dict(step=h.step.iloc[-1], forwards=_forwards(h).iloc[-1]))
+            else: per_seed.append({k: float(np.interp(budget, _forwards(h), h[k])) for k in metrics}
+                                  | dict(step=float(np.interp(budget, _forwards(h), h.step)), forwards=budget))
+        P = pd.DataFrame(per_seed)
+        row = dict(arm=arm, seeds=len(P), step=P.step.mean(), forwards=P.forwards.mean())
+        for k in metrics:
+            row[k], row[f"{k}_lo"], row[f"{k}_hi"] = seed_ci(P[k])
+        out.append(row)
+    return pd.DataFrame(out).set_index("arm")
+
+def equal_compute_budget(df: pd.DataFrame) -> float:
+    "The largest number of model forwards (teacher + student) that every arm reached: the cheapest arm's total, mean over seeds."
+    last = df.sort_values("step").groupby(["arm", "seed"]).tail(1)
+    return float(_forwards(last).groupby(last["arm"]).mean().min())
+
+# %% ../nbs/10_pipeline.ipynb #ab19c0b6
+def _ci_table(S: pd.DataFrame) -> pd.DataFrame:
+    "Cells `mean [lo, hi]` for a summary from `ablation_summary`."
+    metrics = [k for k in ABLATION_METRICS if k in S]
+    f = lambda v: "nan" if not np.isfinite(v) else f"{v:.3g}"
+    cell = lambda a, k: f(S.loc[a, k]) + (f" [{f(S.loc[a, k + '_lo'])}, {f(S.loc[a, k + '_hi'])}]" if np.isfinite(S.loc[a, k + "_lo"]) else "")
+    T = pd.DataFrame({k: [cell(a, k) for a in S.index] for k in metrics}, index=S.index)
+    return T.assign(step=S.step.round(0).astype(int), forwards=S.forwards.round(0).astype(int), seeds=S.seeds)[["seeds", "step", "forwards", *metrics]]
+
+def ablation_report(df: pd.DataFrame, ref: Optional[pd.DataFrame] = None) -> str:
+    "Markdown: every metric per arm (mean [95% CI over seeds]) at equal optimizer steps and at equal compute, and the references."
+    budget = equal_compute_budget(df)
+    parts = ["## Equal optimizer steps (the last step)\n", _ci_table(ablation_summary(df)).to_markdown(),
+             f"\n\n## Equal compute ({budget:.0f} model forwards per run: the cheapest arm's total)\n",
+             _ci_table(ablation_summary(df, budget)).to_markdown()]
+    if ref is not None and len(ref):
+        cols = [k for k in ABLATION_METRICS if k in ref]
+        parts += ["\n\n## References (mean over seeds' evaluation sets)\n", ref.groupby("arm", sort=False)[cols].mean().to_markdown(floatfmt=".3g")]
+    return "".join(parts) + "\n"
+
+_LABELS = {"nll": "NLL, true mixture (nats/dim)", "tv": "mode TV distance", "dropped": "dropped modes", "off_mode": "off-mode fraction",
+           "latent_mse": "final-latent MSE vs teacher", "path_kl": "path KL on own rollouts (nats/dim)"}
+
+def plot_ablation(df: pd.DataFrame, ref: Optional[pd.DataFrame] = None, x: str = "step", metrics: Optional[Sequence[str]] = None, size: float = 3.2):
+    "Learning curves per arm: mean over seeds with its 95% CI band, against optimizer steps (`x='step'`) or model forwards (`x='forwards'`)."
     import matplotlib.pyplot as plt
-    metrics = [m for m in ("final_latent_mse", "kl_on_policy") if m in set(df.metric)]
-    fig, axs = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3), squeeze=False)
-    for ax, metric in zip(axs[0], metrics):
-        d = df[(df.metric == metric) & (df.split == ("heldout" if "heldout" in set(df.split) else df.split.iloc[0]))]
-        ax.bar(d["mode"], d["after"], yerr=[d["after"] - d["after_lo"], d["after_hi"] - d["after"]], capsize=4, color="C0", label="after")
-        ax.axhline(d["before"].iloc[0], color="grey", ls="--", label="before (all arms)")
-        ax.set_title(f"{metric} (held-out)"); ax.legend(fontsize=7)
-    plt.tight_layout()
-    if path is not None: fig.savefig(path, dpi=120); plt.close(fig)
+    metrics = [k for k in (metrics or ("nll", "tv", "dropped", "off_mode", "latent_mse", "path_kl")) if k in df]
+    if "nll" in metrics: metrics = [k for k in metrics if k != "latent_mse"]     # exact runs: the truth, not the teacher's samples
+    fig, axs = plt.subplots(1, len(metrics), figsize=(size * len(metrics), size * 0.9), squeeze=False)
+    for ax, k in zip(axs[0], metrics):
+        for arm, g in df.groupby("arm", sort=False):
+            pts = g.assign(forwards=_forwards(g)).groupby("step").agg(xv=(x, "mean"), m=(k, "mean"))
+            ci = np.array([seed_ci(h[k])[1:] for _, h in g.groupby("step")])
+            ax.plot(pts.xv, pts.m, marker=".", label=arm)
+            if np.isfinite(ci).all(): ax.fill_between(pts.xv, ci[:, 0], ci[:, 1], alpha=.15)
+        if ref is not None and len(ref) and k in ref:
+            r = ref[ref.arm == "teacher_sampler"][k].mean()
+            if np.isfinite(r): ax.axhline(r, color="k", ls="--", lw=1, label="teacher sampler")
+        ax.set_title(_LABELS.get(k, k), fontsize=9)
+        ax.set_xlabel("optimizer step" if x == "step" else "model forwards (teacher + student)")
+    axs[0, 0].legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/10_pipeline.ipynb #64442a88
@@ -260,7 +382,7 @@ def _pipeline_cli(argv=None):
     p = config_parser("opd-pipeline", "Run every step (prompts → text cache → teacher dataset → distill → eval → grids → survey), resumable.")
     p.add_argument("--steps", help=f"comma-separated subset of: {', '.join(STEPS)}")
     p.add_argument("--force", help="re-run this step and the ones after it")
-    p.add_argument("--ablation", action="store_true", help="also train and evaluate one student per distill.mode (on_policy, teacher, forward, mixed)")
+    p.add_argument("--ablation", action="store_true", help="also run the ablation: one student per ablation.arms and ablation.seeds, measured every ablation.eval_every steps (writes <run>/ablation/)")
     p.add_argument("--notebooks", action="store_true", help="run each step that has a notebook job as that notebook (papermill); executed copies go to <run_dir>/notebooks/")
     p.add_argument("--preflight", action="store_true", help="only check that the run can go through (weights, GPU memory, disk, folders), print the table and exit (2 on any ✗)")
     p.add_argument("--gpu-gb", help="plan the GPU memory for a GPU of this many GiB (default: the GPU found)")
@@ -279,9 +401,10 @@ def _pipeline_cli(argv=None):
                          preflight=False if args.no_preflight else None)
     rd = Path(state["run_dir"])
     if args.ablation:
-        abl = run_ablation(cfg, rd)
-        print(abl.to_string(index=False))
-        for f in ("ablation.csv", "ablation.md", "ablation.png"): print(rd / "ablation" / f)
+        run_ablation(cfg, rd)
+        print((rd / "ablation" / "ablation.md").read_text())
+        for f in ("ablation.csv", "ablation.md", "ablation.png", "ablation_compute.png", "reference.csv"):
+            if (rd / "ablation" / f).is_file(): print(rd / "ablation" / f)
     print(f"run: {rd}")
     h = state["headline"]
     if h.get("eval"):
