@@ -15,6 +15,7 @@ import pandas as pd
 from .config import (DISTILL_MODES, Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config,
                         project_root, run_dir_for, write_atomic)
 from .config import eval_key, latest_dir
+from .rollout import forwards_per_sample
 
 # %% auto #0
 __all__ = ['STEPS', 'STEP_FILES', 'STEP_KEYS', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'ABLATION_METRICS',
@@ -222,21 +223,13 @@ ABLATION_MODES = DISTILL_MODES
 ABLATION_METRICS = ("nll", "tv", "dropped", "judged", "collapse", "off_mode", "spread", "path_kl", "latent_mse")
 
 def ablation_forwards(cfg: Config, source: str) -> tuple[float, float]:
-    "Model forwards per training sample of one step whose states came from `source`: (teacher, student)."
-    d = cfg.distill
-    K, T = d.num_steps, min(cfg.train.timesteps_per_sample or d.num_steps, d.num_steps)
-    gt, gs = 1 + (d.teacher_guidance != 1), 1 + (d.student_guidance != 1)   # CFG doubles a model's forwards
+    "Model forwards per training sample of one step whose states came from `source`: (teacher, student) — the necessary work `forwards_per_sample` counts."
     if "+" in source:                                      # micro-batches of both kinds in one step: their mean
         parts = [ablation_forwards(cfg, s) for s in source.split("+")]
         return tuple(sum(p[i] for p in parts) / len(parts) for i in (0, 1))
-    trained = T * gs                                       # the student's forward (+ backward) at the trained states
-    if source == "on_policy": return T * gt, K * gs + trained       # K student rollout forwards; teacher grades the trained states
-    if source == "teacher": return K * gt, trained                 # the teacher's trajectory (its means are the targets)
-    if source == "forward": return K * gt + T * gt, trained        # teacher ODE sample, then grading at the re-noised states
-    if source == "mixed":
-        (t1, s1), (t0, s0), lam = ablation_forwards(cfg, "on_policy"), ablation_forwards(cfg, "teacher"), d.mixed_lambda
-        return lam * t1 + (1 - lam) * t0, lam * s1 + (1 - lam) * s0
-    raise OpdError("distill.mode", source, ", ".join(ABLATION_MODES))
+    if source not in ABLATION_MODES: raise OpdError("distill.mode", source, ", ".join(ABLATION_MODES))
+    f = forwards_per_sample(cfg, source)   # on-policy: K student rollout forwards + the teacher at the trained states; teacher: its K-step trajectory
+    return float(f["teacher"]), float(f["student_rollout"] + f["student_train"])
 
 # %% ../nbs/10_pipeline.ipynb #ab19c0b3
 def _eval_prompts(records: list, per_category: int) -> list[str]:
