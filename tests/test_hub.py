@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from opd.config import latest_dir
 from opd.hub import LARGE, MEDIUM, REPLICA_MARK, SMOKE_OVERRIDES, check_command, replica_env, repo_folder
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -42,7 +43,7 @@ def test_final_stage_on_the_hub_ids(replica, tmp_path):
     assert tuple(load_file(next(key.glob("*.safetensors")))["prompt_embeds"].shape) == (333, 64)
     info = json.loads((run / "student" / "opd_student.json").read_text())
     assert (info["kind"], info["base_pipeline"], info["num_layers"]) == ("full", MEDIUM, 24)
-    assert (run / "survey" / "survey.csv").is_file()
+    assert (latest_dir(run, "survey") / "survey.csv").is_file() and (latest_dir(run) / "summary.csv").is_file()
     for f in run.rglob("*"):
         assert not f.is_file() or TOKEN.encode() not in f.read_bytes(), f"HF_TOKEN written to {f}"
     code = ("import sys; from opd.models import load_student_pipeline; p = load_student_pipeline(sys.argv[1]);"
