@@ -82,8 +82,8 @@ def test_pilot_pruned_lora_student_through_local_folders(replica, tmp_path):
     assert im.shape == (1, 32, 32, 3)
 
 def pipeline_error(argv, capsys, out: Path) -> str:
-    "Run `opd-pipeline` in-process; it must exit 2 with one line on stderr and write nothing. (`--no-preflight`: the spec checks'
-    own messages — what opd-distill and opd-build-teacher-dataset print; with the preflight the same ✗ comes as a table first.)"
+    """Run `opd-pipeline` in-process; it must exit 2 with one line on stderr and write nothing. (`--no-preflight`: the spec checks'
+    own messages — what opd-distill and opd-build-teacher-dataset print; with the preflight the same ✗ comes as a table first.)"""
     from opd.pipeline import main
     with pytest.raises(SystemExit) as e: main([*argv, "--out", str(out), "--no-preflight"])
     err = capsys.readouterr().err.strip()
