@@ -185,6 +185,8 @@ def write_hub_replica(out,                   # the hub cache folder (what HF_HUB
             finally: dlog.set_verbosity(level)
             write_atomic(Path(tmp) / "model_index.json", json.dumps(MODEL_INDEX, indent=2) + "\n")
             for sub in ("tokenizer", "tokenizer_2"): clip_vocab_files(getattr(pipe, sub), Path(tmp) / sub)
+            for f in Path(tmp).glob("tokenizer*/tokenizer_config.json"):     # transformers records HF_HUB_OFFLINE there; the real repos do not
+                c = json.loads(f.read_text()); c.pop("local_files_only", None); f.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
             revs[repo] = write_cache_repo(Path(tmp), out, repo)
     write_atomic(out / REPLICA_MARK, json.dumps({"format": "opd-hub-replica/1", "seed": seed, "repos": list(REPOS), "revisions": revs}, indent=2))
     return {r: out / repo_folder(r) / "snapshots" / v for r, v in revs.items()}
