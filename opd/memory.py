@@ -122,6 +122,7 @@ def model_info(spec: str, field: str = "model.teacher", teacher: Optional[ModelI
     from opd.models import parse_spec, ARCHS
     s = parse_spec(spec, field)
     if s.kind == "random": return _arch_info(s.name, spec)
+    if s.kind == "exact": raise OpdError(field, spec, msg=f"{field}={spec!r}: the closed-form exact teacher runs no transformer on a GPU; nothing to plan (stage toy is a CPU testbed)")
     if s.kind == "prune":
         if teacher is None or not keep: raise OpdError("model.student_keep", keep, msg="model.student_keep is required with model.student='prune:teacher'")
         c = dict(teacher.config)

@@ -263,6 +263,9 @@ def parse_spec(spec: str, field: str = "model.teacher") -> ModelSpec:
     "Classify a model spec; a clear `OpdError` for anything unusable."
     student = field.endswith("student")
     s = str(spec).strip()
+    if s.startswith("exact:"):                     # the closed-form teacher of opd.exact: built by load_models, nothing to resolve
+        if student: raise OpdError(field, s, _spec_allowed(student))
+        return ModelSpec("exact", s.split(":", 1)[1], s)
     if s.startswith("random:"):
         arch = s.split(":", 1)[1]
         if arch not in ARCHS:
