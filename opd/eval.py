@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import (Config, EvalConfig, OpdError, cli_main, config_hash, config_parser, load_config, print_config,
                         repro_keys, run_id)
 from .config import LATEST, eval_key, latest_dir, set_latest
-from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed
+from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed, images_per_state
 from .models import save_png, to_uint8
 from .models import hub_offline
 from .losses import final_latent_mse, per_step_kl
@@ -865,8 +865,7 @@ def main(argv=None):
 def eval_forwards(cfg: Config) -> dict:
     "Model forwards per evaluated sample (prompt × seed), by model, and VAE decodes."
     K = cfg.eval.num_steps or cfg.distill.num_steps
-    cfg_t = 2 if cfg.distill.teacher_guidance != 1 else 1
-    cfg_s = 2 if cfg.distill.student_guidance != 1 else 1
+    cfg_t, cfg_s = images_per_state(cfg.distill.teacher_guidance), images_per_state(cfg.distill.student_guidance)
     sde = cfg.distill.noise_level > 0
     teacher = K * cfg_t * (1 + (1 + 2 if sde else 0))
     student = K * cfg_s * 2 * (1 + (1 if sde else 0))

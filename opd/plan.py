@@ -211,6 +211,11 @@ def _pair_info(cfg: Config):
     si = model_info(m.student, "model.student", teacher=ti, keep=m.student_keep)
     return ti, si
 
+def _compiled_and_cfg(cfg: Config) -> tuple:
+    "Which models run compiled (`train.compile`), and the images per state of each (2 with CFG): (comp_t, comp_s, gt, gs)."
+    c, d = cfg.train.compile, cfg.distill
+    return c in ("teacher", "both"), c in ("student", "both"), images_per_state(d.teacher_guidance), images_per_state(d.student_guidance)
+
 def _trainable(cfg: Config, si) -> int:
     "Trainable parameters of the student: all of them, or LoRA's. (LoRA is costed like a full fine-tune: its backward still runs through every frozen layer, and measured LoRA iterations were no faster.)"
     m = cfg.model
@@ -227,9 +232,8 @@ def predict_iteration(cfg: Config, # a resolved config (any stage; `random:`, `p
     ti, si = _pair_info(cfg)
     T = _text_tokens(cfg)
     Ft, Fs = transformer_flops(ti.config, m.resolution, T, ti.vae_factor), transformer_flops(si.config, m.resolution, T, si.vae_factor)
-    comp_t, comp_s = t.compile in ("teacher", "both"), t.compile in ("student", "both")
+    comp_t, comp_s, gt, gs = _compiled_and_cfg(cfg)
     B, K, n = t.batch_size, d.num_steps, trained_states(cfg)
-    gt, gs = images_per_state(d.teacher_guidance), images_per_state(d.student_guidance)
     def grading(states): return sum(forward_seconds(Ft, c * gt, g, e, comp_t) for c in _chunks(states, d.grade_chunk))
     def phases(mode):
         if mode == "on_policy": return dict(rollout=K * forward_seconds(Fs, B * gs, g, e, comp_s), grading=grading(B * (K if full_grading else n)))
@@ -305,8 +309,7 @@ def predict_run(cfg: Config, # a resolved config
     per_iter = it["total"] + ((full["total"] - it["total"]) / fge if fge else 0.0)
     ti, si = _pair_info(cfg)
     Ft, Fs = it["flops_per_image"]["teacher"], it["flops_per_image"]["student"]
-    comp_t, comp_s = t.compile in ("teacher", "both"), t.compile in ("student", "both")
-    gt, gs = images_per_state(d.teacher_guidance), images_per_state(d.student_guidance)
+    comp_t, comp_s, gt, gs = _compiled_and_cfg(cfg)
     K, dec = d.num_steps, vae_decode_flops(m.resolution) / (g.bf16_tflops * 1e12 * e.vae)
     # held-out monitoring: 8 prompts, ODE samples of the student before, every eval_every steps and after; the teacher's once
     n_mon = 2 + (t.max_steps // t.eval_every if t.eval_every else 0)
