@@ -6,7 +6,7 @@ Docs: https://opd-dev.github.io/opd/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #5d1b0612
 from __future__ import annotations
-import argparse, datetime as _dt, hashlib, json, os, platform, subprocess, sys, tempfile
+import argparse, datetime as _dt, errno, hashlib, json, os, platform, re, subprocess, sys, tempfile, warnings
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from pathlib import Path
@@ -16,12 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['DISTILL_MODES', 'STAGES', 'SPEED_ONLY', 'TRAINING_KEYS', 'LATEST', 'OpdError', 'ModelConfig', 'PromptsConfig',
-           'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig', 'AblationConfig', 'Config', 'stage_dict',
-           'parse_override', 'config_with', 'as_overrides', 'load_config', 'config_overrides', 'config_hash', 'run_id',
-           'short_hash', 'eval_key', 'git_commit', 'package_versions', 'repro_keys', 'project_root', 'runs_dir',
+__all__ = ['DISTILL_MODES', 'RUN_NAME_RE', 'STAGES', 'SPEED_ONLY', 'TRAINING_KEYS', 'LATEST', 'OpdError', 'ModelConfig',
+           'PromptsConfig', 'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig', 'AblationConfig', 'Config',
+           'stage_dict', 'parse_override', 'config_with', 'as_overrides', 'load_config', 'config_overrides',
+           'config_hash', 'run_id', 'short_hash', 'eval_key', 'git_commit', 'package_versions', 'repro_keys',
+           'check_device', 'check_out', 'check_run', 'read_json', 'read_jsonl', 'project_root', 'runs_dir',
            'run_dir_for', 'write_atomic', 'stored_config_hash', 'prepare_run_dir', 'set_latest', 'latest_dir',
-           'config_parser', 'config_from_args', 'print_config', 'cli_main']
+           'config_parser', 'config_from_args', 'print_config', 'Interrupted', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #1eca4b94
 class OpdError(Exception):
@@ -34,7 +35,7 @@ class OpdError(Exception):
 
 # %% ../nbs/00_config.ipynb #d5fcf466
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)   # inf / nan / 1e400: refused in every float field
 
 # %% ../nbs/00_config.ipynb #0fca9f15
 class ModelConfig(_Group):
@@ -56,6 +57,12 @@ class ModelConfig(_Group):
     @classmethod
     def _res16(cls, v):
         if v < 16 or v % 16: raise ValueError("must be a multiple of 16 (>= 16)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v): raise ValueError("auto, cpu, cuda, cuda:N, mps")
         return v
 
 # %% ../nbs/00_config.ipynb #1bef2596
@@ -152,6 +159,8 @@ class AblationConfig(_Group):
     seeds_per_prompt: int = Field(8, ge=1, description="initial noises per evaluation prompt (shared by every arm of a seed)")
 
 # %% ../nbs/00_config.ipynb #9880c36b
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # the id rule: one folder name, never a path
+
 class Config(_Group):
     "A resolved opd configuration."
     stage: str = "tiny"
@@ -164,6 +173,13 @@ class Config(_Group):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     qualtrics: QualtricsConfig = Field(default_factory=QualtricsConfig)
     ablation: AblationConfig = Field(default_factory=AblationConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v):
+        if v is not None and not RUN_NAME_RE.fullmatch(v):
+            raise ValueError("letters, digits, '.', '_', '-' (first a letter or digit, at most 128 characters), e.g. lr-sweep")
+        return v
 
 # %% ../nbs/00_config.ipynb #254d4485
 _GROUPS = {"model": ModelConfig, "prompts": PromptsConfig, "train": TrainConfig, "distill": DistillConfig,
@@ -330,6 +346,72 @@ def repro_keys(cfg: Config) -> dict:
     return {"run_id": run_id(cfg), "stage": cfg.stage, "seed": cfg.seed, "git_commit": git_commit(),
             "config_hash": config_hash(cfg), "versions": package_versions()}
 
+# %% ../nbs/00_config.ipynb #ada9a1bd
+def check_device(device: str, field: str = "model.device"):
+    "A one-line `OpdError` unless `device` (syntax checked by `ModelConfig`) exists on this machine."
+    if device in ("auto", "cpu"): return
+    import torch
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not n: raise OpdError(field, device, msg=f"{field}={device!r}: CUDA is not available here; allowed: auto, cpu")
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= n: raise OpdError(field, device, msg=f"{field}={device!r}: this machine has {n} GPU(s); allowed: cuda:0 .. cuda:{n - 1}, auto, cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise OpdError(field, device, msg=f"{field}={device!r}: MPS is not available here; allowed: auto, cpu")
+
+def _nbs_dirs() -> list[Path]:
+    "The `nbs/` folders of the opd checkout in use (the cwd's and the installed package's)."
+    cands = [project_root() / "nbs", Path(str(resources.files("opd"))).resolve().parent / "nbs"]
+    return [d.resolve() for d in dict.fromkeys(cands) if d.is_dir() and (d.parent / "pyproject.toml").is_file()]
+
+def check_out(path, what: str = "--out") -> Path:
+    "A one-line `OpdError` unless a script may write a folder at `path`: outside `nbs/`, a directory or creatable, writable."
+    p = Path(path).resolve()
+    for nbs in _nbs_dirs():
+        if p.is_relative_to(nbs): raise OpdError(what, str(path), "a folder outside nbs/ (the notebooks and their docs live there), e.g. outputs/runs/<name>")
+    q = p
+    while not q.exists() and q != q.parent: q = q.parent
+    if not q.is_dir(): raise OpdError(what, str(path), msg=f"{what}={str(path)!r}: {q} is a file; allowed: a directory path")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise OpdError(what, str(path), msg=f"{what}={str(path)!r}: {q} is not writable (read-only or no permission); allowed: a writable location")
+    return Path(path)
+
+def check_run(cfg: Config, out=None) -> Path:
+    "Everything about where and on what a run of `cfg` goes, checked before anything is written; returns its run directory."
+    check_device(cfg.model.device)
+    return check_out(run_dir_for(cfg, out))
+
+# %% ../nbs/00_config.ipynb #a1123f1e
+def read_json(path, hint: str = "restore it, or delete it and rerun") -> dict:
+    "A JSON state file; a one-line `OpdError` naming the file when it is corrupt."
+    path = Path(path)
+    try: return json.loads(path.read_text())
+    except ValueError as e:       # JSONDecodeError, UnicodeDecodeError
+        where = f" ({e.msg}, line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise OpdError(path.name, str(path), msg=f"{path} is corrupt (not valid JSON{where}); allowed: {hint}") from None
+
+def read_jsonl(path, repair: bool = False) -> list[dict]:
+    "The records of an append-only JSON-lines file; a torn or corrupt line ends it (skipped with a warning, and cut off with `repair`)."
+    path = Path(path)
+    if not path.is_file(): return []
+    data = path.read_bytes()
+    recs, end, bad = [], 0, None
+    for n, line in enumerate(data.splitlines(keepends=True), 1):
+        if line.strip():
+            try: rec = json.loads(line)
+            except ValueError: rec = None
+            if not isinstance(rec, dict): bad = n; break
+            recs.append(rec)
+        end += len(line)
+    if bad is not None:
+        warnings.warn(f"{path}: line {bad} is torn or corrupt (a kill mid-write?); skipped {len(data) - end} bytes from it on"
+                      + (" and cut them off" if repair else ""))
+    if repair and (bad is not None or not data.endswith(b"\n")) and data:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            if end and data[end - 1:end] != b"\n": f.seek(end); f.write(b"\n")
+    return recs
+
 # %% ../nbs/00_config.ipynb #02cf275d
 def project_root(start=None) -> Path:
     "The opd checkout containing `start` (default: cwd), so notebooks run from `nbs/` write to the same `outputs/`; else cwd."
@@ -361,11 +443,11 @@ def stored_config_hash(d: Path) -> str | None:
 
 def prepare_run_dir(cfg: Config, out: str | os.PathLike | None = None) -> Path:
     "Create (or reopen) the run directory and write `config.yaml` and `run.json` into it."
-    d = run_dir_for(cfg, out)
+    d = check_run(cfg, out)               # device and output location: a refused command writes nothing
     if d.exists() and not d.is_dir(): raise OpdError("--out", str(d), "a directory path")
     old = d / "run.json"
     if old.exists():
-        prev = json.loads(old.read_text()).get("config_hash")
+        prev = read_json(old, "restore it from a copy of the run, or use a new --out").get("config_hash")
         if prev != config_hash(cfg) and stored_config_hash(d) != config_hash(cfg):
             raise OpdError("--out", str(d), msg=f"--out={str(d)!r} holds a run with another config (hash {str(prev)[:8]}); allowed: a new or empty directory, or the same config")
         return d
@@ -409,9 +491,29 @@ def print_config(cfg: Config):
     print(f"# stage={cfg.stage} run_id={run_id(cfg)} config_hash={config_hash(cfg)[:12]}")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
 
+class Interrupted(KeyboardInterrupt):
+    "Ctrl-C in a job that knows where it stopped; its message says where (e.g. `opd-distill interrupted at step 12`)."
+
+def _fail(msg: str, code: int = 2):
+    print(msg, file=sys.stderr)
+    raise SystemExit(code)
+
+def _os_line(e: OSError) -> str:
+    "One line for a failed file operation: what failed, on which file, and what to do."
+    what = e.strerror or str(e).strip().splitlines()[0]
+    where = f": {e.filename}" if e.filename else ""
+    hint = {errno.ENOSPC: "free some space and rerun the same command (finished steps are kept)",
+            errno.EROFS: "a writable location (--out)", errno.EACCES: "a location this user may write (--out)",
+            errno.EPERM: "a location this user may write (--out)"}.get(e.errno, "")
+    return f"error: {what}{where}" + (f"; allowed: {hint}" if hint else "")
+
 def cli_main(fn, argv=None):
-    "Run `fn(argv)`; a user-input error becomes one line on stderr and exit code 2."
+    "Run `fn(argv)`; an expected failure becomes one line on stderr and exit 2 (130 for Ctrl-C)."
     try: return fn(argv)
-    except OpdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    except OpdError as e: _fail(f"error: {e}")
+    except KeyboardInterrupt as e: _fail(f"{str(e) or 'interrupted'}; rerun the same command to resume", 130)
+    except json.JSONDecodeError as e: _fail(f"error: a JSON file is corrupt ({e.msg}, line {e.lineno}); allowed: restore it, or delete it and rerun")
+    except OSError as e: _fail(_os_line(e))
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError": _fail(f"error: a weights file cannot be read ({e}): truncated or corrupt; allowed: rerun the step that wrote it")
+        raise

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import (Config, EvalConfig, OpdError, cli_main, config_hash, config_parser, load_config, print_config,
                         repro_keys, run_id)
-from .config import LATEST, eval_key, latest_dir, set_latest
+from .config import LATEST, check_device, check_out, eval_key, latest_dir, read_json, set_latest
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed, images_per_state
 from .models import save_png, to_uint8
 from .models import hub_offline
@@ -33,8 +33,8 @@ __all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'DEFAULT_CLIP_TAG'
            'CATEGORY_MD_METRICS', 'SAMPLE_COLUMNS', 'image_mse', 'from_uint8', 'pairwise_rms',
            'pairwise_cosine_distance', 'CI', 'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer',
            'clip_tag', 'clip_weights_file', 'load_clip', 'EvalItem', 'pick_prompts', 'eval_items', 'Checkpoint',
-           'resolve_ckpt', 'load_student_weights', 'ArmOutputs', 'image_name', 'image_relpath', 'run_arm',
-           'per_sample_table', 'summarize', 'add_metric_rows', 'with_set_metrics', 'kl_per_step_table',
+           'check_weight_files', 'resolve_ckpt', 'load_student_weights', 'ArmOutputs', 'image_name', 'image_relpath',
+           'run_arm', 'per_sample_table', 'summarize', 'add_metric_rows', 'with_set_metrics', 'kl_per_step_table',
            'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars', 'markdown_table', 'headline',
            'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main', 'eval_forwards', 'eval_cost']
 
@@ -278,6 +278,16 @@ _CKPT_ALLOWED = "a finished run directory (with student/) or a checkpoint folder
 def _student_weights_present(p: Path) -> bool:
     return (p / "transformer").is_dir() or (p / "pytorch_lora_weights.safetensors").is_file()
 
+def check_weight_files(files, raw: str):
+    "Open each safetensors file's header (no tensors are read): a truncated or corrupt file is refused in one line, before any work."
+    from safetensors import safe_open
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h: h.keys()
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OpdError("--ckpt", raw, msg=f"--ckpt={raw!r}: {f} cannot be read ({first}): truncated or corrupt; allowed: rerun opd-distill (it resumes) or another checkpoint") from None
+
 def resolve_ckpt(path) -> Checkpoint:
     "Validate `--ckpt` and say what it is; a one-line `OpdError` otherwise (nothing is written)."
     raw = str(path)
@@ -296,6 +306,7 @@ def resolve_ckpt(path) -> Checkpoint:
         step = json.loads((p / "state.json").read_text()).get("step") if (p / "state.json").is_file() else None
         if step is None and p.name.startswith("step-") and p.name[5:].isdigit(): step = int(p.name[5:])
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        check_weight_files([p / "model.safetensors"], raw)
         return Checkpoint(p, run_dir, "checkpoint", step)
     if p.name == "student" and _student_weights_present(p):
         p, run_dir = p, p.parent
@@ -307,6 +318,7 @@ def resolve_ckpt(path) -> Checkpoint:
         cks = sorted(q.name for q in (p / "checkpoints").glob("step-*") if q.is_dir() and not q.name.endswith(".tmp")) if (p / "checkpoints").is_dir() else []
         hint = f" (it has {', '.join('checkpoints/' + c for c in cks)}: pass one of those)" if cks else ""
         raise OpdError("--ckpt", raw, msg=f"--ckpt={raw!r}: no student/ in this directory{hint}; allowed: {_CKPT_ALLOWED}")
+    check_weight_files(sorted((p / "transformer").glob("*.safetensors")) + sorted(p.glob("pytorch_lora_weights.safetensors")), raw)
     step = None
     ts = run_dir / "train_summary.json"
     if ts.is_file():
@@ -318,7 +330,11 @@ def resolve_ckpt(path) -> Checkpoint:
 def _load_safetensors(files) -> dict:
     from safetensors.torch import load_file
     sd = {}
-    for f in files: sd.update(load_file(str(f)))
+    for f in files:
+        try: sd.update(load_file(str(f)))
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError): raise
+            raise OpdError("--ckpt", str(f), msg=f"{f} cannot be read ({str(e).strip()[:200]}): truncated or corrupt; allowed: rerun opd-distill (it resumes) or another checkpoint") from None
     return sd
 
 def load_student_weights(student, ck: Checkpoint) -> str:
@@ -736,12 +752,16 @@ def _takes_latest(base: Path, ck: Checkpoint) -> bool:
     cur = (base / LATEST).read_text().strip() if (base / LATEST).is_file() else ""
     return ck.kind == "student" or not cur.startswith("final-")
 
-def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) -> dict:
+def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None, force: bool = False) -> dict:
     "Evaluate teacher / student-before / student-after; write the report into `<out or run_dir>/eval/<eval_key>/`; return paths and numbers."
     from opd.models import load_models, resolve_device
     ck = resolve_ckpt(ckpt)
     root = Path(out) if out is not None else ck.run_dir
     if root.exists() and not root.is_dir(): raise OpdError("--out", str(root), "a directory path")
+    check_out(root)                                                              # not in nbs/, writable: before any work
+    key = eval_key(cfg, ck.path.name if ck.kind == "checkpoint" else "final")   # which checkpoint + which settings
+    if (root / "eval" / key).is_dir() and not force:                            # a finished evaluation is never replaced silently
+        raise OpdError("--force", False, msg=f"eval/{key} exists already in {str(root)!r} (this checkpoint, these eval settings); allowed: --force to evaluate again, or other eval settings")
     ec = cfg.eval
     dev = resolve_device(device if device is not None else cfg.model.device)
     clip = load_clip(ec, dev, cfg.seed)                                           # validates eval.clip_* before any work
@@ -757,7 +777,6 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
     prompts = list(dict.fromkeys(it.prompt for it in items))
     pair.precompute(prompts + [r["prompt"] for r in trainer_heldout_records(records)], progress=False)
 
-    key = eval_key(cfg, ck.path.name if ck.kind == "checkpoint" else "final")   # which checkpoint + which settings
     base = root / "eval"
     final, tmp = base / key, base / f".{key}.tmp"
     made_root, made_base = not root.exists(), not base.exists()
@@ -769,7 +788,7 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
         emb_index = [pos[it.prompt] for it in items]
         bs, ac = cfg.distill.grade_chunk, (lambda: _autocast(cfg, dev))
         kl_steps = engine.K - min(cfg.distill.skip_last_steps, engine.K - 1)
-        ts = json.loads((ck.run_dir / "train_summary.json").read_text()) if (ck.run_dir / "train_summary.json").is_file() else {}
+        ts = read_json(ck.run_dir / "train_summary.json") if (ck.run_dir / "train_summary.json").is_file() else {}
         hb = trainer_heldout_batch(records, pair.encode, cfg.seed)
         outs, checks = {}, []
 
@@ -806,7 +825,7 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) ->
                  "gap closed": plot_gap_closed(summary, tmp / "gap_closed.png")}
         seconds = time.perf_counter() - t_start
         info = dict(run_id=json.loads((ck.run_dir / "run.json").read_text()).get("run_id", run_id(cfg)) if (ck.run_dir / "run.json").is_file() else run_id(cfg),
-                    ckpt=str(ck.path), ckpt_label=ck.label, weights=weights, stage=cfg.stage, config_hash=config_hash(cfg), config_note=note,
+                    ckpt=os.path.relpath(ck.path, root), ckpt_label=ck.label, weights=weights, stage=cfg.stage, config_hash=config_hash(cfg), config_note=note,
                     K=engine.K, noise_level=cfg.distill.noise_level, seed=cfg.seed, seeds_per_prompt=ec.seeds_per_prompt,
                     n_prompts=len({(it.split, it.prompt_id) for it in items}),
                     prompts_per_split={s: len({it.prompt_id for it in items if it.split == s}) for s in dict.fromkeys(it.split for it in items)},
@@ -842,6 +861,7 @@ def _eval_cli(argv=None):
                       "writes <run_dir>/eval/<key>/ (or <out>/eval/<key>/); eval/LATEST names the newest evaluation of the final student.")
     p.add_argument("--ckpt", required=True, help="a run directory (its final student/) or a checkpoint folder checkpoints/step-N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="evaluate again when eval/<key>/ exists already (replaces it)")
     args = p.parse_args(argv)
     ck = resolve_ckpt(args.ckpt)
     if args.stage is None and args.config is None and (ck.run_dir / "config.yaml").is_file():
@@ -849,9 +869,10 @@ def _eval_cli(argv=None):
     else:
         cfg = load_config(args.stage, args.config, args.overrides)
     if args.print_config: return print_config(cfg)
+    check_device(cfg.model.device)                                              # before any note or work
     note = _config_note(cfg, ck.run_dir)
     if note: print(f"note: the eval config differs from the run's config.yaml in: {note}", file=sys.stderr)
-    r = evaluate(cfg, args.ckpt, args.out, progress=not args.no_progress)
+    r = evaluate(cfg, args.ckpt, args.out, progress=not args.no_progress, force=args.force)
     print(r["headline_text"])
     for c in r["checks"]: print(f"check: {c}")
     print(f"eval: {r['seconds']:.1f} s")

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import OpdError, cli_main, write_atomic
+from .config import OpdError, check_out, cli_main, write_atomic
 
 # %% auto #0
 __all__ = ['LARGE', 'MEDIUM', 'REPOS', 'MODEL_INDEX', 'SCHEDULER', 'REAL_TRANSFORMER', 'TINY_WIDTH', 'TINY_HEADS', 'REPLICA_CLIP',
@@ -229,6 +229,7 @@ def _replica_cli(argv=None):
     bad = [s for s in stages if s not in ("pilot", "final")]
     if bad: raise OpdError("--run", ",".join(bad), "pilot, final")
     if args.seed < 0: raise OpdError("--seed", args.seed, "an integer >= 0")
+    check_out(args.out)                                   # not in nbs/, writable: before anything is written
     snaps = write_hub_replica(args.out, args.seed)
     for repo, snap in snaps.items(): print(f"{repo}: {snap}")
     cache = Path(args.out).resolve()

@@ -15,13 +15,14 @@ import pandas as pd
 from .config import (DISTILL_MODES, Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config,
                         project_root, run_dir_for, write_atomic)
 from .config import eval_key, latest_dir
+from .config import Interrupted, read_json, short_hash
 from .rollout import forwards_per_sample
 
 # %% auto #0
 __all__ = ['STEPS', 'STEP_FILES', 'STEP_KEYS', 'STEP_NEEDS', 'NOTEBOOK_JOBS', 'ABLATION_MODES', 'ABLATION_METRICS',
-           'step_outputs', 'run_pipeline', 'headline', 'nbs_dir', 'job_cells', 'run_notebook', 'ablation_forwards',
-           'run_ablation', 'seed_ci', 'ablation_summary', 'equal_compute_budget', 'ablation_report', 'plot_ablation',
-           'main']
+           'step_outputs', 'made_from', 'run_pipeline', 'headline', 'nbs_dir', 'job_cells', 'run_notebook',
+           'ablation_forwards', 'run_ablation', 'seed_ci', 'ablation_summary', 'equal_compute_budget',
+           'ablation_report', 'plot_ablation', 'main']
 
 # %% ../nbs/10_pipeline.ipynb #144f9a33
 def _records(cfg, run_dir, ctx):
@@ -56,7 +57,7 @@ def _distill(cfg, run_dir, ctx):
 
 def _eval(cfg, run_dir, ctx):
     from opd.eval import evaluate
-    ctx["log"](evaluate(cfg, run_dir, progress=ctx["progress"])["headline_text"])
+    ctx["log"](evaluate(cfg, run_dir, progress=ctx["progress"], force=True)["headline_text"])
 
 def _grids(cfg, run_dir, ctx):
     from opd.compare import make_grids
@@ -103,7 +104,21 @@ def step_outputs(name: str, run_dir: Path, ran: str = "") -> list[Path]:
 # %% ../nbs/10_pipeline.ipynb #73c9d5e8
 def _read_state(run_dir: Path) -> dict:
     f = run_dir / "pipeline.json"
-    return json.loads(f.read_text()) if f.is_file() else {"steps": {}}
+    return read_json(f, "delete pipeline.json and rerun (finished steps resume or are redone)") if f.is_file() else {"steps": {}}
+
+def _rel(p, run_dir) -> str:
+    "A path as `pipeline.json` records it: relative to the run directory (a copied run lists its own files)."
+    p, rd = Path(p).resolve(), Path(run_dir).resolve()
+    return p.relative_to(rd).as_posix() if p.is_relative_to(rd) else str(p)
+
+def made_from(name: str, run_dir: Path) -> Optional[str]:
+    "What step `name`'s output was made from: eval the trained student (its training summary), grids and survey the evaluation folder."
+    run_dir = Path(run_dir)
+    if name == "eval":
+        ts = run_dir / "train_summary.json"
+        return f"student-{short_hash(read_json(ts))}" if ts.is_file() else None
+    if name in ("grids", "survey"): return latest_dir(run_dir).name
+    return None
 
 def _write_state(run_dir: Path, state: dict): write_atomic(run_dir / "pipeline.json", json.dumps(state, indent=2))
 
@@ -134,25 +149,35 @@ def run_pipeline(cfg: Config, out=None, steps: Optional[Sequence[str]] = None, f
     if force: 
         for s in list(STEPS)[list(STEPS).index(force):]: state["steps"].pop(s, None)
     ctx = dict(progress=progress, log=log)
+    ran = None                                                 # the first step that ran in this call: the ones after it are stale
     for name in names:
         key = STEP_KEYS[name](cfg, run_dir) if name in STEP_KEYS else None
         st = state["steps"].get(name, {})
-        if st.get("done") and st.get("key", key) == key:      # no recorded key: a step of a run from before keys, done
+        src = made_from(name, run_dir)
+        fresh = st.get("from", src) == src                    # no record: a run from before, taken as it is
+        if st.get("done") and st.get("key", key) == key and fresh and ran is None:  # no recorded key: a step of a run from before keys, done
             log(f"[{name}] done already, skipped"); continue
-        if st.get("done"): log(f"[{name}] settings changed ({st.get('key')} → {key}): runs again")
+        if st.get("done") and ran is not None: log(f"[{name}] stale ({ran} ran again): runs again")
+        elif st.get("done") and not fresh: log(f"[{name}] stale (made from {st.get('from')}, now {src}): runs again")
+        elif st.get("done"): log(f"[{name}] settings changed ({st.get('key')} → {key}): runs again")
         if not _needed(name, cfg):
             log(f"[{name}] not needed ({STEP_NEEDS[name]}=false)")
             state["steps"][name] = dict(done=True, seconds=0.0, outputs=[]); _write_state(run_dir, state); continue
         log(f"[{name}] …")
         t0 = time.perf_counter()
-        if notebooks and name in NOTEBOOK_JOBS:
-            ctx.pop("pair", None)                 # the notebook's kernel loads its own models: free ours first
-            paths = run_notebook(name, cfg, run_dir, log)
-        else:
-            STEPS[name](cfg, run_dir, ctx)
-            paths = step_outputs(name, run_dir)
-        state["steps"][name] = dict(done=True, seconds=round(time.perf_counter() - t0, 2), outputs=[str(p) for p in paths])
+        try:
+            if notebooks and name in NOTEBOOK_JOBS:
+                ctx.pop("pair", None)                 # the notebook's kernel loads its own models: free ours first
+                paths = run_notebook(name, cfg, run_dir, log)
+            else:
+                STEPS[name](cfg, run_dir, ctx)
+                paths = step_outputs(name, run_dir)
+        except KeyboardInterrupt as e:
+            raise Interrupted(f"opd-pipeline interrupted in step {name!r}" + (f" ({e})" if str(e) else "")) from None
+        ran = ran or name
+        state["steps"][name] = dict(done=True, seconds=round(time.perf_counter() - t0, 2), outputs=[_rel(p, run_dir) for p in paths])
         if name in STEP_KEYS: state["steps"][name]["key"] = STEP_KEYS[name](cfg, run_dir)
+        if made_from(name, run_dir) is not None: state["steps"][name]["from"] = made_from(name, run_dir)
         _write_state(run_dir, state)
     state["run_dir"] = str(run_dir)
     state["headline"] = headline(run_dir)
@@ -162,9 +187,9 @@ def headline(run_dir: Path) -> dict:
     "Held-out numbers of a finished run: final-latent MSE to the teacher before → after (from its latest evaluation), training summary."
     out = {}
     ts = run_dir / "train_summary.json"
-    if ts.is_file(): out["train"] = {k: v for k, v in json.loads(ts.read_text()).items() if k.startswith("heldout") or k == "steps"}
+    if ts.is_file(): out["train"] = {k: v for k, v in read_json(ts).items() if k.startswith("heldout") or k == "steps"}
     ev = latest_dir(run_dir) / "eval.json"
-    if ev.is_file(): out["eval"] = json.loads(ev.read_text()).get("headline")
+    if ev.is_file(): out["eval"] = read_json(ev).get("headline")
     return out
 
 # %% ../nbs/10_pipeline.ipynb #55f87bd4

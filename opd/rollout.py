@@ -336,10 +336,11 @@ def build_teacher_dataset(pair, cfg, run_dir, records: list[dict], snapshots: st
     "Teacher samples for `records` under `run_dir/teacher_dataset/` (resumable); returns the folder."
     from safetensors.torch import save_file
     from opd.models import save_png, to_uint8
+    from opd.config import read_jsonl
     out = Path(run_dir) / "teacher_dataset"
     (out / "images").mkdir(parents=True, exist_ok=True); (out / "latents").mkdir(exist_ok=True)
     man = out / "manifest.jsonl"
-    done = {json.loads(l)["prompt_id"] for l in man.read_text().splitlines() if l.strip()} if man.exists() else set()
+    done = {r["prompt_id"] for r in read_jsonl(man, repair=True)}   # a torn last line (a kill) is cut off
     todo = [r for r in records if r["prompt_id"] not in done]
     eng = RolloutEngine(pair, cfg.distill)
     keep = parse_snapshots(snapshots, eng.K)

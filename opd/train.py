@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from .config import (Config, OpdError, cli_main, config_from_args, config_hash, stored_config_hash, config_parser, load_config,
                         prepare_run_dir, print_config, repro_keys)
+from .config import Interrupted, read_json, read_jsonl
 from .rollout import PromptBatch, RolloutEngine, derive_seed, _now
 from .losses import RewardComputer, final_latent_mse, per_step_kl
 
 # %% auto #0
 __all__ = ['OOM_HELP', 'TrainMetrics', 'PromptStream', 'write_manifest', 'verify_checkpoint', 'list_checkpoints',
            'latest_valid_checkpoint', 'MetricsLog', 'lr_factor', 'TrainingStopped', 'peak_mem_mb', 'DistillTrainer',
-           'heldout_records', 'heldout_batch', 'distill', 'main']
+           'heldout_records', 'heldout_batch', 'finished_summary', 'distill', 'main']
 
 # %% ../nbs/05_train.ipynb #8b6967f4
 @dataclass
@@ -116,13 +117,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path):
         self.jsonl, self.csv = Path(run_dir) / "metrics.jsonl", Path(run_dir) / "metrics.csv"
 
-    def rows(self) -> list[dict]:
-        if not self.jsonl.exists(): return []
-        out = []
-        for line in self.jsonl.read_text().splitlines():
-            try: out.append(json.loads(line))
-            except json.JSONDecodeError: break   # a torn last line from a kill
-        return out
+    def rows(self) -> list[dict]: return read_jsonl(self.jsonl)   # a torn last line (a kill) is skipped with a warning
 
     def truncate(self, step: int):
         keep = [r for r in self.rows() if r["step"] <= step]
@@ -341,8 +336,8 @@ def _resume(self: DistillTrainer, where="auto") -> Optional[Path]:
     if where != "auto":
         problem = verify_checkpoint(ck) if ck.is_dir() else "no such checkpoint folder"
         if problem: raise OpdError("--resume", str(ck), msg=f"--resume={str(ck)!r} is unusable: {problem}")
-    st = json.loads((ck / "state.json").read_text())
-    recorded = json.loads((self.run_dir / "run.json").read_text()).get("config_hash") if (self.run_dir / "run.json").is_file() else None
+    st = read_json(ck / "state.json", "--resume with an older checkpoint, or delete this one")
+    recorded = read_json(self.run_dir / "run.json").get("config_hash") if (self.run_dir / "run.json").is_file() else None
     legacy = st["config_hash"] == recorded and stored_config_hash(self.run_dir) == config_hash(self.cfg)   # written before Dec 2026 (whole-config hash)
     if st["config_hash"] != config_hash(self.cfg) and not legacy:
         raise OpdError("--resume", str(ck), msg=f"--resume={str(ck)!r} was written with another config (hash {st['config_hash'][:8]})")
@@ -374,16 +369,19 @@ def _train(self: DistillTrainer) -> dict:
                 if tc.tensorboard: acc.log({k: v for k, v in asdict(m).items() if isinstance(v, (int, float))}, step=m.step)
             bar.update(1); bar.set_postfix(kl=f"{m.kl_loss:.4g}", mse=f"{m.mse_loss:.3g}")
             if self.global_step % tc.checkpoint_every == 0 or self.global_step == tc.max_steps: self.save_checkpoint()
+    except KeyboardInterrupt:
+        ck = list_checkpoints(self.run_dir)
+        raise Interrupted(f"opd-distill interrupted at step {self.global_step} (kept: {ck[-1].name if ck else 'no checkpoint yet'})") from None
     finally:
         bar.close()
         if main: self.log.write_csv(self.engine.sigmas.tolist())
     summary = {}
     if main:
         after = self.heldout_mse()
-        prev = json.loads((self.run_dir / "train_summary.json").read_text()) if (self.run_dir / "train_summary.json").exists() else {}
+        prev = read_json(self.run_dir / "train_summary.json") if (self.run_dir / "train_summary.json").exists() else {}
         before = before if before is not None else prev.get("heldout_latent_mse_before", float("nan"))
         summary = dict(steps=self.global_step, heldout_latent_mse_before=before, heldout_latent_mse_after=after,
-                       wall_s=time.perf_counter() - t_start, student_dir=str(self.run_dir / "student"))
+                       wall_s=time.perf_counter() - t_start, student_dir="student")   # relative to the run: a copied run names its own
         self.save_student()
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     if tc.tensorboard: acc.end_training()
@@ -405,6 +403,13 @@ def _save_student(self: DistillTrainer) -> Path:
 DistillTrainer.train, DistillTrainer.save_student = _train, _save_student
 
 # %% ../nbs/05_train.ipynb #95b90946
+def finished_summary(cfg: Config, run_dir) -> Optional[dict]:
+    "The training summary of a run that already reached `train.max_steps` and saved its student; else None."
+    f = Path(run_dir) / "train_summary.json"
+    if not (f.is_file() and (Path(run_dir) / "student").is_dir()): return None
+    s = read_json(f)
+    return s if s.get("steps") == cfg.train.max_steps else None
+
 def distill(cfg: Config, out=None, resume: str = "auto", progress: bool = True, pair=None) -> dict:
     "Train a student for `cfg` into its run directory; returns the summary. `pair`: an already loaded, untrained `load_models(cfg)`."
     if resume not in (None, "auto"):                     # a named checkpoint must exist before anything is built or written
@@ -414,6 +419,8 @@ def distill(cfg: Config, out=None, resume: str = "auto", progress: bool = True, 
         from opd.models import check_sources
         check_sources(cfg)                               # a model spec that cannot work fails here, before the run directory is written
     run_dir = prepare_run_dir(cfg, out)
+    done = finished_summary(cfg, run_dir) if resume == "auto" else None
+    if done is not None: return done | {"run_dir": str(run_dir)}     # a finished run: every file stays as it is
     tr = DistillTrainer(cfg, run_dir, pair=pair, progress=progress)
     del pair                                             # if the trainer built its own (another device), ours is freed now
     if resume: tr.resume(resume)
