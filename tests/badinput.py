@@ -60,7 +60,8 @@ def run_case(case: Case, tmp: Path, run: Optional[Path] = None, timeout: int = 3
         return r.returncode, r.stderr
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), warnings.catch_warnings():
-        warnings.simplefilter("default")           # printed to stderr, as a console script prints them
+        warnings.simplefilter("always")            # printed to stderr, as a console script prints them (not to pytest's recorder)
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
         try: code = _main(argv[0])(argv[1:]); code = 0 if code is None else code
         except SystemExit as e: code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return code, err.getvalue()
