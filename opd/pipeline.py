@@ -430,7 +430,7 @@ def _pipeline_cli(argv=None):
         print(headline_text(h["eval"]))
     elif h.get("train"): print(f"held-out final-latent MSE: {h['train'].get('heldout_latent_mse_before'):.4f} → {h['train'].get('heldout_latent_mse_after'):.4f}")
     for name, st in state["steps"].items():
-        for o in st["outputs"]: print(o)
+        for o in st["outputs"]: print(rd / o)          # recorded relative to the run (older runs: absolute, kept as they are)
     print(rd / "pipeline.json")
 
 def main(argv=None):

@@ -87,5 +87,5 @@ def test_pipeline_notebooks_flag(tmp_path):
     executed = run.resolve() / "notebooks" / "01_prompts.ipynb"
     assert executed.is_file() and str(executed) in r.stdout.split()
     state = json.loads((run / "pipeline.json").read_text())
-    assert state["steps"]["prompts"]["outputs"][0] == str(executed)
+    assert state["steps"]["prompts"]["outputs"][0] == "notebooks/01_prompts.ipynb"   # relative to the run
     assert len((run / "prompts.jsonl").read_text().splitlines()) == 24      # the notebook got the pipeline's overrides
