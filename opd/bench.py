@@ -345,8 +345,9 @@ def run_bench(cfg: Config, out=None, iters: int = 5, warmup: int = 2, grading_ba
               compare_full_grading: bool = True) -> dict:
     "Benchmark one configuration's training iteration; writes and returns `bench.json`'s content."
     _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targets)
-    from opd.models import resolve_device
+    from opd.models import check_sources, resolve_device
     from opd.train import DistillTrainer
+    check_sources(cfg)                       # a model spec that cannot work fails before the run directory is written
     device = resolve_device(cfg.model.device)
     n_threads, why = _choose_threads(threads, device)
     old_threads = torch.get_num_threads()

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import (Config, OpdError, cli_main, config_from_args, config_parser, prepare_run_dir, print_config, repro_keys,
+from .config import (Config, OpdError, check_out, cli_main, config_from_args, config_parser, prepare_run_dir, print_config, repro_keys,
                         write_atomic)
 from .memory import clean_transformer_config, lora_params, model_info, plan_memory, plan_table
 from .rollout import forwards_per_sample, images_per_state, trained_states
@@ -391,6 +391,7 @@ def _plan_cli(argv=None, prog="opd-plan"):
     if not str(args.gpus).isdigit() or int(args.gpus) < 1: raise OpdError("--gpus", args.gpus, "an integer >= 1")
     cfg = config_from_args(args)
     if args.print_config: return print_config(cfg)
+    if args.out: check_out(args.out)            # before the plan's work, and before anything is written
     kw = dict(gpu=args.gpu, gpu_gb=gb, n_gpus=int(args.gpus), adamw=args.adamw, steady_state=not args.first_step)
     mem, tp = plan_run(cfg, **kw)
     print(json.dumps(plan_json(cfg, mem, tp), indent=2, default=str) if args.json else plan_table(mem) + "\n\n" + time_table(tp))

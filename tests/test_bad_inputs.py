@@ -66,6 +66,7 @@ CASES = [
     Case([D, *TINY, "--set", "model.teacher=/nonexistent/teacher", "--out", "{tmp}/r"], 2, ("model.teacher",)),
     Case(["opd-pipeline", *TINY, "--set", "model.student=/nonexistent/student", "--out", "{tmp}/r"], 2, ("model.student",)),
     Case(["opd-build-teacher-dataset", *TINY, "--set", "model.teacher=/nonexistent", "--out", "{tmp}/r"], 2, ("model.teacher",)),
+    Case(["opd-bench", *TINY, "--set", "model.teacher=/nonexistent", "--out", "{tmp}/r"], 2, ("model.teacher",)),
     # device
     Case([D, *TINY, "--set", "model.device=banana", "--out", "{tmp}/r"], 2, ("model.device='banana'", "cuda:N")),
     Case(["opd-pipeline", *TINY, "--set", "model.device=cuda:9", "--out", "{tmp}/r"], 2, ("model.device='cuda:9'",)),
@@ -76,7 +77,7 @@ CASES = [
     ]),
     # output location: inside nbs/ (every script), under a file, not creatable
     *[Case([s, *TINY, "--out", "{nbs}/opd-bad-run"], 2, ("outside nbs/",), watch=("{nbs}",))
-      for s in (D, "opd-pipeline", "opd-build-teacher-dataset", "opd-generate-prompts", "opd-bench")],
+      for s in (D, "opd-pipeline", "opd-build-teacher-dataset", "opd-generate-prompts", "opd-bench", "opd-plan")],
     Case(["opd-eval", "--ckpt", "{copy}", "--out", "{nbs}/opd-bad-eval"], 2, ("outside nbs/",), watch=("{nbs}", "{copy}"), setup=copy),
     Case(["opd-hub-replica", "--out", "{nbs}/opd-bad-hub"], 2, ("outside nbs/",), watch=("{nbs}",)),
     Case([D, *TINY, "--out", "{tmp}/afile/run"], 2, ("is a file", "a directory path"), setup=afile),
