@@ -133,7 +133,7 @@ BAD_EXPORTS = [
     (lambda t: t / "missing", [], "--run-dir="),
     (_no_eval, [], "eval/samples.csv: no such file"),
     (_no_teacher, ["--set", "qualtrics.teacher_arm=true"], "qualtrics.teacher_arm=True is not allowed"),
-    (_bad_arm, [], "arm='distilled' is not allowed; allowed: before, after, teacher"),
+    (_bad_arm, [], "arm='distilled' is not allowed; allowed: teacher, before, after"),
     (_only_before, [], "no (prompt_id, seed) has both"),
     (lambda t: make_fake_eval_run(t / "tiny-u", 2, (0,)), ["--set", "qualtrics.base_url=example.org/x"], "qualtrics.base_url="),
     (lambda t: make_fake_eval_run(t / "tiny-v", 2, (0,)), ["--set", "qualtrics.base_url=https://cdn.org/distilled"], "contains 'distill'"),
@@ -175,10 +175,10 @@ def test_analyze_recovers_known_preference(fake_run, tmp_path, numeric):
     assert parts.kept.sum() == 80 and (parts.checks_failed[parts.reason == "failed attention check"] > 0).all()
 
 def _resp_cut(resp: Path, dst: Path) -> Path:
-    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.drop(columns=[raw.columns[-1]]).to_csv(dst, index=False, header=False); return dst
+    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.drop(columns=[raw.columns[-2]]).to_csv(dst, index=False, header=False); return dst   # the last question (the last column is opd_export)
 
 def _resp_value(resp: Path, dst: Path) -> Path:
-    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.iloc[3, -1] = "Image C"; raw.to_csv(dst, index=False, header=False); return dst
+    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.iloc[3, -2] = "Image C"; raw.to_csv(dst, index=False, header=False); return dst
 
 def test_bad_analysis_exit_2_nothing_written(fake_run, tmp_path, capsys):
     ex = export_survey(fake_run, QualtricsConfig(), seed=0)
