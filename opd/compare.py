@@ -23,12 +23,13 @@ from .config import latest_dir
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch
 from .losses import gaussian_kl
 from .prompts import build_prompts
-from .eval import ARMS, SAMPLE_COLUMNS, eval_items, load_student_weights, resolve_ckpt, _read_run_prompts
+from .samples import ARMS, read_samples      # the samples contract: arms, columns, confined image paths
+from .eval import eval_items, load_student_weights, resolve_ckpt, _read_run_prompts
 from .models import to_uint8
 
 # %% auto #0
-__all__ = ['wrap_text', 'grid_size', 'grid_image', 'read_samples', 'make_grids', 'x0_hat', 'TrajectoryFrames',
-           'trajectory_frames', 'student_trajectory', 'trajectory_viewer', 'trajectory_strip']
+__all__ = ['wrap_text', 'grid_size', 'grid_image', 'make_grids', 'x0_hat', 'TrajectoryFrames', 'trajectory_frames',
+           'student_trajectory', 'trajectory_viewer', 'trajectory_strip']
 
 # %% ../nbs/07_compare.ipynb #5521783b
 def _font(size: int = 12):
@@ -74,21 +75,11 @@ def grid_image(rows: Sequence[dict], columns: Sequence[str] = ARMS, cell: int = 
     return canvas
 
 # %% ../nbs/07_compare.ipynb #bbf2502e
-def read_samples(run_dir, key: Optional[str] = None) -> pd.DataFrame:
-    "`samples.csv` of the run's latest evaluation (or of `eval/<key>/`), checked against the eval contract."
-    run_dir = Path(run_dir)
-    f = latest_dir(run_dir, "eval", key) / "samples.csv"
-    if not f.is_file(): raise OpdError("run_dir", str(run_dir), msg=f"{str(f)!r}: no such file; allowed: a run evaluated by opd-eval")
-    df = pd.read_csv(f, dtype={"seed": "Int64", "prompt_id": str})
-    missing = [c for c in SAMPLE_COLUMNS if c not in df]
-    if missing: raise OpdError("eval/samples.csv", missing[0], msg=f"{str(f)!r}: missing column {missing[0]!r}; allowed: columns {', '.join(SAMPLE_COLUMNS)}")
-    return df
-
 def make_grids(run_dir, rows_per_grid: int = 8, cell: Optional[int] = None, splits: Optional[Sequence[str]] = None,
                text_width: int = 280, key: Optional[str] = None) -> list[Path]:
     "Write `grid_<split>_<NN>.png` (teacher | before | after per prompt and seed) into the run's latest evaluation folder (or `eval/<key>/`); returns the paths."
     run_dir = Path(run_dir)
-    df = read_samples(run_dir, key)
+    df = read_samples(run_dir, key, what="run_dir")     # checked: every image_path inside the run, an existing file
     ev = latest_dir(run_dir, "eval", key)
     arms = [a for a in ARMS if a in set(df.arm)]
     first = Image.open(run_dir / df.image_path.iloc[0])

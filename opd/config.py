@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['DISTILL_MODES', 'RUN_NAME_RE', 'STAGES', 'SPEED_ONLY', 'TRAINING_KEYS', 'LATEST', 'OpdError', 'ModelConfig',
-           'PromptsConfig', 'TrainConfig', 'DistillConfig', 'EvalConfig', 'QualtricsConfig', 'AblationConfig', 'Config',
-           'stage_dict', 'parse_override', 'config_with', 'as_overrides', 'load_config', 'config_overrides',
-           'config_hash', 'run_id', 'short_hash', 'eval_key', 'git_commit', 'package_versions', 'repro_keys',
-           'check_device', 'check_out', 'check_run', 'read_json', 'read_jsonl', 'project_root', 'runs_dir',
-           'run_dir_for', 'write_atomic', 'stored_config_hash', 'prepare_run_dir', 'set_latest', 'latest_dir',
-           'config_parser', 'config_from_args', 'print_config', 'Interrupted', 'cli_main']
+           'PromptsConfig', 'TrainConfig', 'DistillConfig', 'EvalConfig', 'redact_url', 'public_url_problem',
+           'QualtricsConfig', 'AblationConfig', 'Config', 'stage_dict', 'parse_override', 'config_with', 'as_overrides',
+           'load_config', 'config_overrides', 'config_hash', 'run_id', 'short_hash', 'eval_key', 'git_commit',
+           'package_versions', 'repro_keys', 'check_device', 'check_out', 'check_run', 'read_json', 'read_jsonl',
+           'project_root', 'runs_dir', 'run_dir_for', 'write_atomic', 'stored_config_hash', 'prepare_run_dir',
+           'set_latest', 'latest_dir', 'config_parser', 'config_from_args', 'print_config', 'Interrupted', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #1eca4b94
 class OpdError(Exception):
@@ -139,12 +139,38 @@ class EvalConfig(_Group):
     weights: dict[str, str] = Field(default_factory=dict, description="weights per metric key (pickscore, pickscore_processor, hpsv2, aesthetic, aesthetic_clip, inception/fid/kid): local path, hub id or tiny-random; unset: the tiny stand-ins on the tiny/toy stages, the published weights elsewhere")
 
 # %% ../nbs/00_config.ipynb #f620bddd
+def redact_url(url: str) -> str:
+    "`url` with any `user:password@` replaced by `***@` (safe to print)."
+    head, sep, rest = str(url).partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{head}{sep}***@{host.rpartition('@')[2]}{slash}{path}" if sep and "@" in host else str(url)
+
+def public_url_problem(url: str, base: bool = True) -> str:
+    "What a public image URL must be, when `url` is not it ('' when it is): https, a host, no credentials, no spaces or quotes; a `base` URL (file names are appended) also no query or fragment."
+    from urllib.parse import urlsplit
+    u = str(url or "")
+    if not u or any(c in u for c in " \t\r\n\"'<>\\`"): return "an https:// URL without spaces, quotes or angle brackets"
+    try: s = urlsplit(u); host = s.hostname
+    except ValueError: return "a well-formed https:// URL"
+    if s.scheme != "https": return "an https:// URL (survey pages are https; browsers block http images on them as mixed content)"
+    if "@" in s.netloc: return "a URL without user:password@ (credentials would be published in the survey file)"
+    if not host: return "an https:// URL with a host name"
+    if base and (s.query or s.fragment or u.endswith(("?", "#"))): return "a base URL without ?query or #fragment (image file names are appended to it)"
+    return ""
+
 class QualtricsConfig(_Group):
     "The blinded two-image human study."
-    base_url: str = Field("https://example.org/opd-study", description="where the public image folder will be hosted")
+    base_url: str = Field("https://example.org/opd-study", description="where the public image folder will be hosted (https; the placeholder default makes a survey whose images do not load)")
     attention_checks: int = Field(2, ge=0)
     teacher_arm: bool = Field(False, description="add teacher-reference questions")
     max_questions: int = Field(40, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _public(cls, v):
+        why = public_url_problem(v)
+        if why: raise ValueError(f"qualtrics.base_url={redact_url(v)!r} is not allowed; allowed: {why}")
+        return v
 
 # %% ../nbs/00_config.ipynb #ab19c0a2
 _MODE = DistillConfig.model_fields["mode"].annotation   # the Literal of the four modes
@@ -200,7 +226,7 @@ def _explain(err: ValidationError) -> OpdError:
     if e["type"] == "extra_forbidden":
         return OpdError(field, msg=f"unknown key {field!r}", allowed=_allowed_keys(loc))
     msg = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ").split(", unable to")[0]
-    if msg.startswith(("distill.", "train.", "model.")): return OpdError(field, msg=msg)  # our own full sentence
+    if msg.startswith(("distill.", "train.", "model.", "qualtrics.")): return OpdError(field, msg=msg)  # our own full sentence
     return OpdError(field, e.get("input"), msg)
 
 # %% ../nbs/00_config.ipynb #12091f28

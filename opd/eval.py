@@ -27,16 +27,17 @@ from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed, i
 from .models import save_png, to_uint8
 from .models import hub_offline
 from .losses import final_latent_mse, per_step_kl
+from .samples import ARMS, SAMPLE_COLUMNS, write_csv      # the samples contract (one definition, torch-free)
 
 # %% auto #0
-__all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'DEFAULT_CLIP_TAG', 'METRICS', 'ARMS', 'SUMMARY_COLUMNS',
-           'CATEGORY_MD_METRICS', 'SAMPLE_COLUMNS', 'image_mse', 'from_uint8', 'pairwise_rms',
-           'pairwise_cosine_distance', 'CI', 'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer',
-           'clip_tag', 'clip_weights_file', 'load_clip', 'EvalItem', 'pick_prompts', 'eval_items', 'Checkpoint',
-           'check_weight_files', 'resolve_ckpt', 'load_student_weights', 'ArmOutputs', 'image_name', 'image_relpath',
-           'run_arm', 'per_sample_table', 'summarize', 'add_metric_rows', 'with_set_metrics', 'kl_per_step_table',
-           'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars', 'markdown_table', 'headline',
-           'headline_text', 'write_summary_md', 'exact_report', 'evaluate', 'main', 'eval_forwards', 'eval_cost']
+__all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'DEFAULT_CLIP_TAG', 'METRICS', 'SUMMARY_COLUMNS',
+           'CATEGORY_MD_METRICS', 'image_mse', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance', 'CI',
+           'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer', 'clip_tag', 'clip_weights_file',
+           'load_clip', 'EvalItem', 'pick_prompts', 'eval_items', 'Checkpoint', 'check_weight_files', 'resolve_ckpt',
+           'load_student_weights', 'ArmOutputs', 'image_name', 'image_relpath', 'run_arm', 'per_sample_table',
+           'summarize', 'add_metric_rows', 'with_set_metrics', 'kl_per_step_table', 'plot_training_curves',
+           'plot_kl_per_step', 'plot_metric_bars', 'markdown_table', 'headline', 'headline_text', 'write_summary_md',
+           'exact_report', 'evaluate', 'main', 'eval_forwards', 'eval_cost']
 
 # %% ../nbs/06_eval.ipynb #7b015fc2
 from .metrics import (GAP_COLUMNS, METRIC_INFO, gap_cell, gap_closed, gap_headline, load_metrics, plot_gap_closed,
@@ -446,7 +447,6 @@ METRICS = {  # name: (better, what)
     "diversity_latent": ("teacher", "mean pairwise RMS latent distance between seeds of a prompt (SDE)"),
     "diversity_clip": ("teacher", "mean pairwise 1 − CLIP cosine between seeds of a prompt (SDE)"),
 }
-ARMS = ("teacher", "before", "after")
 
 def per_sample_table(items: list[EvalItem], outs: dict[str, ArmOutputs], txt_emb: Optional[Tensor] = None,
                      kl_steps: Optional[int] = None) -> pd.DataFrame:
@@ -717,8 +717,6 @@ def _check_line(name: str, ours: float, theirs) -> str:
     return f"{name}: {ours:.6g} vs logged {theirs:.6g} — {'reproduced' if rel < 1e-3 else f'DIFFERS (rel. {rel:.2g})'}"
 
 # %% ../nbs/06_eval.ipynb #b06f7b49
-SAMPLE_COLUMNS = ("prompt_id", "prompt", "category", "split", "seed", "arm", "image_path")
-
 def _config_note(cfg: Config, run_dir: Path) -> str:
     "Which groups of `cfg` differ from the run's config.yaml ('' when equal or unknown)."
     f = run_dir / "config.yaml"
@@ -811,14 +809,10 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None, fo
         by_cat = with_set_metrics(summarize(per_sample, ("split", "category"), ec.bootstrap, cfg.seed), sets, ("split", "category"))
         kl = kl_per_step_table(items, outs, engine.sigmas, ec.bootstrap, cfg.seed)
 
-        with open(tmp / "samples.csv", "w", newline="") as f:
-            w = csv.writer(f); w.writerow(SAMPLE_COLUMNS)
-            for arm in ARMS:
-                for it in items: w.writerow([it.prompt_id, it.prompt, it.category, it.split, it.seed, arm, image_relpath(it, arm, eval_rel=f"eval/{key}")])
-        per_sample.to_csv(tmp / "per_sample.csv", index=False)
-        summary.to_csv(tmp / "summary.csv", index=False)
-        by_cat.to_csv(tmp / "summary_by_category.csv", index=False)
-        kl.to_csv(tmp / "kl_per_step.csv", index=False)
+        write_csv(tmp / "samples.csv", [dict(prompt_id=it.prompt_id, prompt=it.prompt, category=it.category, split=it.split, seed=it.seed, arm=arm,
+                                             image_path=image_relpath(it, arm, eval_rel=f"eval/{key}")) for arm in ARMS for it in items], SAMPLE_COLUMNS)
+        for name, table in (("per_sample", per_sample), ("summary", summary), ("summary_by_category", by_cat), ("kl_per_step", kl)):
+            write_csv(tmp / f"{name}.csv", table)      # formula-safe text cells (prompts, categories)
         plots = {"training curves": plot_training_curves(ck.run_dir / "metrics.jsonl", tmp / "training_curves.png"),
                  "per-step KL": plot_kl_per_step(kl, tmp / "kl_per_step.png", cfg.distill.skip_last_steps),
                  "metrics": plot_metric_bars(summary, tmp / "metrics.png"),

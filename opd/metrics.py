@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from .config import OpdError
 from .rollout import derive_seed
+from .samples import ARMS      # teacher, before, after: the samples contract
 
 # %% auto #0
 __all__ = ['TINY', 'IMAGE_METRICS', 'SET_METRICS', 'METRIC_NAMES', 'TINY_STAGES', 'INCEPTION_URL', 'HUB_DEFAULTS', 'WEIGHT_KEYS',
-           'METRIC_INFO', 'TINY_HPS_ARCH', 'TINY_HPS_CONFIG', 'STAND_IN_VERSION', 'ARMS', 'GAP_COLUMNS', 'CLIP_H14',
-           'CLIP_L14', 'weight_spec', 'sha256_of', 'resolve_weights', 'stand_in_dir', 'register_tiny_hps',
-           'AestheticMLP', 'TinyInception', 'make_stand_in', 'Scorer', 'load_pickscore', 'load_hpsv2', 'load_aesthetic',
+           'METRIC_INFO', 'TINY_HPS_ARCH', 'TINY_HPS_CONFIG', 'STAND_IN_VERSION', 'GAP_COLUMNS', 'CLIP_H14', 'CLIP_L14',
+           'weight_spec', 'sha256_of', 'resolve_weights', 'stand_in_dir', 'register_tiny_hps', 'AestheticMLP',
+           'TinyInception', 'make_stand_in', 'Scorer', 'load_pickscore', 'load_hpsv2', 'load_aesthetic',
            'FeatureExtractor', 'load_inception', 'MetricSuite', 'load_metrics', 'fid_from_grams', 'kid_from_kernels',
            'fid', 'kid', 'bootstrap_indices', 'gap_from_replicates', 'gap_closed', 'score_images', 'set_metric_summary',
            'gap_cell', 'gap_headline', 'plot_gap_closed', 'metric_flops', 'metric_cost_table']
@@ -267,7 +268,7 @@ def load_hpsv2(path, arch: str = "ViT-H-14", device="cpu", batch: int = 16) -> S
     "HPSv2.1 from a local HPS checkpoint (`{'state_dict': ...}`) on open_clip `arch`."
     import open_clip
     with _quiet(): model = open_clip.create_model(arch, pretrained=None)
-    ck = torch.load(str(path), map_location="cpu", weights_only=False)
+    ck = torch.load(str(path), map_location="cpu", weights_only=True)
     model.load_state_dict(ck.get("state_dict", ck) if isinstance(ck, dict) else ck)
     model.eval()
     size = model.visual.image_size
@@ -288,7 +289,7 @@ def load_aesthetic(mlp_path, clip_path, device="cpu", batch: int = 16) -> Scorer
     clip = CLIPModel.from_pretrained(str(clip_path)).eval()
     proc = AutoProcessor.from_pretrained(str(clip_path))
     mlp = AestheticMLP(clip.config.projection_dim)
-    mlp.load_state_dict(torch.load(str(mlp_path), map_location="cpu", weights_only=False))
+    mlp.load_state_dict(torch.load(str(mlp_path), map_location="cpu", weights_only=True))
     mlp.eval()
     def fn(images, prompts):
         px = proc(images=images, return_tensors="pt")["pixel_values"].to(clip.logit_scale.device)
@@ -317,7 +318,7 @@ class FeatureExtractor:
 
 def load_inception(path, device="cpu", batch: int = 32) -> FeatureExtractor:
     "torch-fidelity's Inception-v3 (2048-d pool features) from `path`, or the tiny one from its marked file."
-    sd = torch.load(str(path), map_location="cpu", weights_only=False)
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "opd_tiny_inception" in sd:
         m = TinyInception(sd["opd_tiny_inception"]); m.load_state_dict(sd["state_dict"])
     else:
@@ -431,7 +432,6 @@ def gap_closed(teacher, before, after, n_boot: int = 1000, seed: int = 0) -> dic
     return gap_from_replicates(float(t.mean()), float(b.mean()), float(a.mean()), reps)
 
 # %% ../nbs/14_metrics.ipynb #fabcf51c
-ARMS = ("teacher", "before", "after")
 _ROW = ("split", "category", "prompt_id", "seed")
 
 def _load_images(paths) -> list:

@@ -64,8 +64,9 @@ def _grids(cfg, run_dir, ctx):
     make_grids(run_dir)
 
 def _survey(cfg, run_dir, ctx):
-    from opd.qualtrics import export_survey
+    from opd.qualtrics import export_survey, placeholder_warning
     export_survey(run_dir, cfg.qualtrics, seed=cfg.seed, models=(cfg.model.teacher, cfg.model.student))
+    if w := placeholder_warning(cfg.qualtrics): print(w, file=sys.stderr)     # loud, but tiny runs end to end on the placeholder
 
 STEPS: dict[str, Callable] = {"prompts": _prompts, "text_cache": _text_cache, "teacher_dataset": _teacher_dataset,
                               "distill": _distill, "eval": _eval, "grids": _grids, "survey": _survey}

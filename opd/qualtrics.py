@@ -18,95 +18,23 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import (OpdError, QualtricsConfig, cli_main, config_from_args, config_hash, config_parser,
                         load_config, print_config, runs_dir)
-from .config import latest_dir, set_latest, short_hash
+from .config import latest_dir, public_url_problem, redact_url, set_latest, short_hash
+from .samples import (ARMS, SAMPLE_COLUMNS, confined_path, csv_text, make_fake_eval_run, read_csv, read_samples,
+                         write_csv)   # the samples contract (chapter 17)
 
 # %% auto #0
-__all__ = ['ARMS', 'SAMPLE_COLUMNS', 'PNG_SIG', 'SAFE_PNG_CHUNKS', 'COMPARISONS', 'CONDITIONS', 'BLANK_PROMPT', 'QUESTION_HTML',
-           'INSTRUCTED_HTML', 'INSTRUCTIONS_HTML', 'CHOICE_HTML', 'MC_TYPES', 'TEXT_TYPES', 'FORBIDDEN_TERMS',
-           'PRIVATE_MARKERS', 'KEY_COLUMNS', 'SURVEY_COLUMNS', 'TXT_NAME', 'QUALTRICS_META', 'NOT_PARTICIPANT_STATUS',
-           'make_fake_eval_run', 'read_samples', 'pair_units', 'select_units', 'balanced_slots', 'binom_interval',
-           'png_chunks', 'public_png', 'load_public_png', 'check_image', 'plan_survey', 'html_text', 'question_html',
-           'render_advanced_format', 'AdvancedFormatError', 'parse_advanced_format', 'forbidden_terms', 'find_leaks',
-           'check_base_url', 'build_export', 'SurveyExport', 'survey_key', 'export_survey', 'check_export',
-           'export_parser', 'export_cli', 'export_main', 'read_qualtrics_csv', 'decode_choice', 'read_key',
-           'make_fake_responses', 'score_responses', 'wilson', 'win_rates', 'markdown_table', 'plot_win_rates',
-           'SurveyAnalysis', 'analyze_survey', 'analyze_cli', 'analyze_main']
-
-# %% ../nbs/08_qualtrics.ipynb #f7a83d80
-ARMS = ("before", "after", "teacher")
-SAMPLE_COLUMNS = ("prompt_id", "prompt", "category", "split", "seed", "arm", "image_path")
-
-_FAKE_PROMPTS = {
-    "pets": ["a golden retriever puppy on a linen sofa, warm studio light",
-             "a cat food bowl after dinner, top view, \"new recipe\" label"],
-    "automotive": ["a red electric SUV on a coastal road at sunset",
-                   "a vintage convertible & a 50% off banner <limited>"],
-    "food": ["a stack of pancakes with berries, soft morning light", "an espresso cup on white marble"],
-}
-
-def make_fake_eval_run(run_dir, n_prompts: int = 6, seeds=(0, 1), categories=("pets", "automotive", "food"),
-                       seed: int = 0, arms=ARMS, size: int = 32) -> Path:
-    "Write a synthetic evaluated run: `eval/samples.csv` in the eval contract, small random PNGs, `config.yaml`, `run.json`."
-    run_dir = Path(run_dir)
-    cfg = load_config("tiny", overrides=[f"seed={seed}"])
-    rows = []
-    for i in range(n_prompts):
-        cat = categories[i % len(categories)]
-        pool = _FAKE_PROMPTS.get(cat, [])
-        k = i // len(categories)
-        prompt = pool[k] if k < len(pool) else f"an advertising photo of a {cat} product, variant {i}"
-        pid = f"p{i:04d}"
-        split = "heldout" if cat in cfg.prompts.heldout_categories else "val"
-        for s in seeds:
-            for j, arm in enumerate(arms):
-                rng = np.random.default_rng([seed, i, s, j])
-                img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-                info = PngImagePlugin.PngInfo()
-                info.add_text("arm", arm); info.add_text("model", cfg.model.teacher if arm == "teacher" else cfg.model.student)
-                rel = Path("eval") / "images" / arm / f"{pid}_s{s}.png"
-                (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                img.save(run_dir / rel, pnginfo=info)
-                rows.append(dict(prompt_id=pid, prompt=prompt, category=cat, split=split, seed=s, arm=arm, image_path=rel.as_posix()))
-    pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS)).to_csv(run_dir / "eval" / "samples.csv", index=False)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "stage": "tiny", "seed": seed, "config_hash": config_hash(cfg)}, indent=2))
-    return run_dir
-
-# %% ../nbs/08_qualtrics.ipynb #f18ff1ff
-def _samples_path(run_dir: Path) -> Path: return latest_dir(run_dir, "eval") / "samples.csv"     # the run's latest evaluation
-
-def read_samples(run_dir) -> pd.DataFrame:
-    "Read and validate `samples.csv` of the run's latest evaluation (the eval contract)."
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise OpdError("--run-dir", str(run_dir), msg=f"--run-dir={str(run_dir)!r}: no such directory; allowed: a run directory (outputs/runs/<run_id>) evaluated by opd-eval")
-    path = _samples_path(run_dir)
-    if not path.is_file():
-        raise OpdError("eval/samples.csv", str(path), msg=f"eval/samples.csv: no such file in {str(run_dir)!r}; allowed: a run evaluated by opd-eval")
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise OpdError("eval/samples.csv", str(path), msg=f"eval/samples.csv: not a readable CSV ({type(e).__name__}); allowed: the eval contract's columns {', '.join(SAMPLE_COLUMNS)}") from None
-    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
-    if missing: raise OpdError("eval/samples.csv", missing[0], msg=f"eval/samples.csv: missing column {missing[0]!r}; allowed: columns {', '.join(SAMPLE_COLUMNS)}")
-    if df.empty: raise OpdError("eval/samples.csv", str(path), msg="eval/samples.csv: no rows; allowed: one row per eval image")
-    for i, r in enumerate(df.itertuples(index=False), start=1):
-        where = f"eval/samples.csv row {i}"
-        for c in ("prompt_id", "prompt", "category", "image_path"):
-            if not str(getattr(r, c)).strip(): raise OpdError(f"{where} {c}", getattr(r, c), "a non-empty value")
-        if r.arm not in ARMS: raise OpdError(f"{where} arm", r.arm, ", ".join(ARMS))
-        if not re.fullmatch(r"-?\d+", r.seed.strip()): raise OpdError(f"{where} seed", r.seed, "an integer")
-        p = Path(r.image_path)
-        if p.is_absolute() or ".." in p.parts: raise OpdError(f"{where} image_path", r.image_path, "a path relative to the run dir, inside it")
-        if not (run_dir / p).is_file(): raise OpdError(f"{where} image_path", r.image_path, "an existing image file (relative to the run dir)")
-    df["seed"] = df["seed"].str.strip().astype(int)
-    dup = df.duplicated(["prompt_id", "seed", "arm"]).to_numpy()
-    if dup.any():
-        i = int(dup.argmax()); r = df.iloc[i]
-        raise OpdError(f"eval/samples.csv row {i + 1}", f"{r.prompt_id}/{r.seed}/{r.arm}", msg=f"eval/samples.csv row {i + 1}: duplicate (prompt_id, seed, arm) = ({r.prompt_id}, {r.seed}, {r.arm}); allowed: one image per prompt, seed and arm")
-    for c in ("prompt", "category"):
-        n = df.groupby("prompt_id")[c].nunique()
-        if (n > 1).any(): raise OpdError("eval/samples.csv prompt_id", n[n > 1].index[0], msg=f"eval/samples.csv: prompt_id {n[n > 1].index[0]!r} has several {c}s; allowed: one {c} per prompt_id")
-    return df
+__all__ = ['PNG_SIG', 'SAFE_PNG_CHUNKS', 'COMPARISONS', 'CONDITIONS', 'BLANK_PROMPT', 'QUESTION_HTML', 'INSTRUCTED_HTML',
+           'INSTRUCTIONS_HTML', 'CHOICE_HTML', 'EMBEDDED_FIELD', 'MC_TYPES', 'TEXT_TYPES', 'FORBIDDEN_TERMS',
+           'PRIVATE_MARKERS', 'KEY_COLUMNS', 'SURVEY_COLUMNS', 'TXT_NAME', 'PLACEHOLDER_URL', 'QUALTRICS_META',
+           'QUALTRICS_META_DE', 'QUALTRICS_STATUS', 'KEY_NEEDS', 'pair_units', 'select_units', 'balanced_slots',
+           'binom_interval', 'png_chunks', 'public_png', 'load_public_png', 'check_image', 'plan_survey', 'html_text',
+           'question_html', 'choice_url', 'render_advanced_format', 'export_fingerprint', 'AdvancedFormatError',
+           'AdvancedFormat', 'parse_advanced_format', 'forbidden_terms', 'find_leaks', 'check_base_url',
+           'read_image_urls', 'build_export', 'SurveyExport', 'survey_key', 'placeholder_warning', 'export_survey',
+           'check_export', 'export_parser', 'export_cli', 'export_main', 'status_reason', 'read_qualtrics_csv',
+           'decode_choice', 'read_key', 'make_fake_responses', 'check_export_id', 'score_responses', 'wilson',
+           'win_rates', 'markdown_table', 'plot_win_rates', 'SurveyAnalysis', 'analyze_survey', 'analyze_cli',
+           'analyze_main']
 
 # %% ../nbs/08_qualtrics.ipynb #c633d77a
 def _rng(seed: int, name: str) -> random.Random:
@@ -251,49 +179,68 @@ def plan_survey(samples: pd.DataFrame, qcfg: QualtricsConfig, seed: int = 0) -> 
 # %% ../nbs/08_qualtrics.ipynb #93e23fcf
 QUESTION_HTML = "<p>Description: <b>&ldquo;{prompt}&rdquo;</b></p><p>Which image is better for this description?</p>"
 INSTRUCTED_HTML = ("<p>This question checks that you are reading carefully. Please ignore the images and "
-                   "select <b>Image {slot}</b>, the image on the {side}.</p>")
+                   "select the image labelled <b>Image {slot}</b>.</p>")
 INSTRUCTIONS_HTML = ("<p>Thank you for taking part in this study.</p>"
                      "<p>On each page you will see a short description of an advertising image and two images made from it, "
-                     "side by side: Image A on the left and Image B on the right. Please choose the image you find better "
-                     "for the description, considering both how well it fits the description and how good it looks.</p>"
+                     "labelled Image A and Image B (side by side on a wide screen, one above the other on a narrow one). "
+                     "Please choose the image you find better for the description, considering both how well it fits the "
+                     "description and how good it looks.</p>"
                      "<p>There are no right or wrong answers, except on a few check questions that test whether you are "
                      "reading carefully. Please answer every question.</p>")
-CHOICE_HTML = '<img src="{url}" alt="Image {slot}" width="{width}"><br>Image {slot}'   # width only: keeps the aspect ratio'
+CHOICE_HTML = ('<img src="{url}" alt="Image {slot}" width="{width}" style="max-width:100%;height:auto">'
+               '<br>Image {slot}')   # width only (keeps the aspect ratio); shrinks to fit a phone
+EMBEDDED_FIELD = "opd_export"    # embedded data: the export id, recorded in every response
+_SRC = re.compile(r'<img src="([^"]+)"')
 
 def html_text(s: str) -> str:
-    "A prompt as it appears in the survey: one line, HTML-escaped, square brackets as entities."
-    return html.escape(" ".join(str(s).split()), quote=True).replace("[", "&#91;").replace("]", "&#93;")
+    "A prompt as it appears in the survey: one line, HTML-escaped, square brackets and every non-ASCII character as entities."
+    t = html.escape(" ".join(str(s).split()), quote=True).replace("[", "&#91;").replace("]", "&#93;")
+    return t.encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 def question_html(q: dict) -> str:
-    if q.get("check_kind") == "instructed":
-        return INSTRUCTED_HTML.format(slot=q["correct_slot"], side={"A": "left", "B": "right"}[q["correct_slot"]])
+    if q.get("check_kind") == "instructed": return INSTRUCTED_HTML.format(slot=q["correct_slot"])
     return QUESTION_HTML.format(prompt=html_text(q["prompt_text"]))
 
-def render_advanced_format(questions: list[dict], base_url: str, block: str = "Image comparisons",
-                           instructions: str = INSTRUCTIONS_HTML, width: int = 384) -> str:
-    "The Qualtrics Advanced Format TXT: an instructions block, then a block of horizontal single-answer questions, one per page."
-    base = base_url.rstrip("/")
-    L = ["[[AdvancedFormat]]", "", "[[Block:Instructions]]", "", "[[Question:Text]]", "[[ID:intro]]", instructions, "",
-         f"[[Block:{block}]]", ""]
+def choice_url(q: dict, x: str, base_url: str | None = None) -> str:
+    "The URL of choice `x` ('a' or 'b') of question `q`: its own `url_x`, else `{base_url}/{image_x}`."
+    return q.get(f"url_{x}") or f"{str(base_url).rstrip('/')}/{q[f'image_{x}']}"
+
+def render_advanced_format(questions: list[dict], base_url: str | None = None, block: str = "Image comparisons",
+                           instructions: str = INSTRUCTIONS_HTML, width: int = 384, export_id: str | None = None) -> str:
+    "The Qualtrics Advanced Format TXT (ASCII): the export id as embedded data, an instructions block, then one single-answer two-image question per page."
+    L = ["[[AdvancedFormat]]", ""] + ([f"[[ED:{EMBEDDED_FIELD}:{export_id}]]", ""] if export_id else []) + [
+         "[[Block:Instructions]]", "", "[[Question:Text]]", "[[ID:intro]]", instructions, "", f"[[Block:{block}]]", ""]
     for i, q in enumerate(questions):
         L += ["[[Question:MC:SingleAnswer:Horizontal]]", f"[[ID:{q['question_id']}]]", question_html(q), "[[Choices]]",
-              CHOICE_HTML.format(url=f"{base}/{q['image_a']}", slot="A", width=width),
-              CHOICE_HTML.format(url=f"{base}/{q['image_b']}", slot="B", width=width), ""]
+              CHOICE_HTML.format(url=html.escape(choice_url(q, "a", base_url), quote=True), slot="A", width=width),
+              CHOICE_HTML.format(url=html.escape(choice_url(q, "b", base_url), quote=True), slot="B", width=width), ""]
         if i < len(questions) - 1: L += ["[[PageBreak]]", ""]
-    return "\n".join(L)
+    text = "\n".join(L)
+    text.encode("ascii")        # every non-ASCII character is an entity by construction; fail loudly if not
+    return text
+
+_ED_LINE = re.compile(rf"^\[\[ED:{EMBEDDED_FIELD}(?::[^\]]*)?\]\]\n(?:\n)?", re.M)
+
+def export_fingerprint(txt: str) -> str:
+    "The export id: 16 hex digits of sha256 over the Advanced Format text without its `[[ED:opd_export:…]]` line."
+    return hashlib.sha256(_ED_LINE.sub("", txt, count=1).encode()).hexdigest()[:16]
 
 # %% ../nbs/08_qualtrics.ipynb #ff186721
 class AdvancedFormatError(ValueError):
     "A Qualtrics Advanced Format file that the strict parser rejects ('line N: why')."
 
+class AdvancedFormat(list):
+    "The blocks of a parsed Advanced Format file; `.embedded`: its embedded-data fields (name → value)."
+    embedded: dict
+
 MC_TYPES = ("MC", "MC:SingleAnswer", "MC:SingleAnswer:Vertical", "MC:SingleAnswer:Horizontal", "MC:SingleAnswer:Columns")
 TEXT_TYPES = ("Text", "DB")
 _TAG = re.compile(r"^\[\[(.*)\]\]$")
-_ALLOWED_TAGS = "AdvancedFormat, Block[:name], Question:{" + ", ".join(TEXT_TYPES + MC_TYPES) + "}, ID:x, Choices, PageBreak"
+_ALLOWED_TAGS = "AdvancedFormat, ED:name[:value], Block[:name], Question:{" + ", ".join(TEXT_TYPES + MC_TYPES) + "}, ID:x, Choices, PageBreak"
 
-def parse_advanced_format(text: str) -> list[dict]:
-    "Parse an Advanced Format TXT strictly → `[{name, questions: [{type, id, text, choices, page_break_after, line}]}]`."
-    blocks, ids, names = [], set(), set()
+def parse_advanced_format(text: str) -> AdvancedFormat:
+    "Parse an Advanced Format TXT strictly → blocks `[{name, questions: [{type, id, text, choices, page_break_after, line}]}]` with `.embedded`."
+    blocks, ids, names, embedded = AdvancedFormat(), set(), set(), {}
     q, header = None, False
     def err(n, msg): raise AdvancedFormatError(f"line {n}: {msg}")
     def close():
@@ -324,6 +271,12 @@ def parse_advanced_format(text: str) -> list[dict]:
             continue
         tag = m.group(1)
         if tag == "AdvancedFormat": err(n, "[[AdvancedFormat]] appears twice")
+        elif tag.startswith("ED:"):
+            name, _, value = tag[3:].partition(":")
+            if blocks: err(n, f"[[{tag}]] after the first block; embedded data goes right after [[AdvancedFormat]]")
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name): err(n, f"embedded data name {name!r}; allowed: letters, digits, _")
+            if name in embedded: err(n, f"duplicate embedded data {name!r}")
+            embedded[name] = value
         elif tag == "Block" or tag.startswith("Block:"):
             close()
             name = tag[6:].strip()
@@ -355,6 +308,7 @@ def parse_advanced_format(text: str) -> list[dict]:
         else: err(n, f"unknown tag [[{tag}]]; allowed: {_ALLOWED_TAGS}")
     if not header: err(1, "empty file; expected [[AdvancedFormat]]")
     close()
+    blocks.embedded = embedded
     return blocks
 
 # %% ../nbs/08_qualtrics.ipynb #c524533d
@@ -408,31 +362,50 @@ def find_leaks(files: dict[str, bytes], terms, allowed_texts=()) -> list[str]:
 
 # %% ../nbs/08_qualtrics.ipynb #87e9b67c
 KEY_COLUMNS = ("question_id", "position", "condition", "distilled_slot", "correct_slot", "check_kind", "prompt_id",
-               "prompt_text", "category", "split", "seed", "arm_a", "arm_b", "image_a", "image_b", "source_a", "source_b", "run_id")
+               "prompt_text", "category", "split", "seed", "arm_a", "arm_b", "image_a", "image_b", "url_a", "url_b",
+               "source_a", "source_b", "run_id", "export_id")
 SURVEY_COLUMNS = ("question_id", "prompt_id", "prompt_text", "image_a_path", "image_b_path", "randomized_label")
 TXT_NAME = "qualtrics_survey.txt"
+PLACEHOLDER_URL = QualtricsConfig.model_fields["base_url"].default
+_IMAGE_NAME = re.compile(r"[0-9a-f]{16}\.png")
 
-def _csv_bytes(rows: list[dict], columns) -> bytes:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
-    w.writeheader(); w.writerows(rows)
-    return buf.getvalue().encode()
+def _csv_bytes(rows: list[dict], columns) -> bytes: return csv_text(rows, columns).encode()
 
 def check_base_url(url: str, terms) -> str:
-    "Validate `qualtrics.base_url`: an http(s) URL that reveals nothing."
-    if not re.fullmatch(r"https?://[^\s\"'<>]+", url or ""):
-        raise OpdError("qualtrics.base_url", url, "an http:// or https:// URL (where public/images/ will be hosted)")
+    "Validate `qualtrics.base_url`: an https URL without credentials that reveals nothing."
+    why = public_url_problem(url)
+    if why: raise OpdError("qualtrics.base_url", redact_url(url), why)
     hit = [t for t in terms if t in url.lower()]
     if hit: raise OpdError("qualtrics.base_url", url, msg=f"qualtrics.base_url={url!r} contains {hit[0]!r}, which would reveal a condition to participants; allowed: a neutral URL")
     return url.rstrip("/")
 
-def build_export(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=(), survey_rel: str = "survey") -> dict[str, bytes]:
+def read_image_urls(path) -> dict[str, str]:
+    "An `--image-urls` CSV (`image,url`): each file of `public/images/` → the https URL it is served from (e.g. Qualtrics Graphics Library)."
+    path, allowed = Path(path), "a CSV with columns image,url: one row per file of public/images/ and its https URL"
+    if not path.is_file(): raise OpdError("--image-urls", str(path), msg=f"--image-urls={str(path)!r}: no such file; allowed: {allowed}")
+    try: df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise OpdError("--image-urls", str(path), msg=f"--image-urls={str(path)!r}: not a readable CSV ({type(e).__name__}); allowed: {allowed}") from None
+    cols = {str(c).strip().lower(): c for c in df.columns}
+    if "image" not in cols or "url" not in cols or df.empty: raise OpdError("--image-urls", str(path), msg=f"--image-urls={str(path)!r}: no image,url rows; allowed: {allowed}")
+    out = {}
+    for i, (name, url) in enumerate(zip(df[cols["image"]], df[cols["url"]]), start=1):
+        name, url = name.strip().removeprefix("public/images/"), url.strip()
+        if not _IMAGE_NAME.fullmatch(name): raise OpdError(f"--image-urls row {i} image", name, "a file name of public/images/ (16 hex digits + .png; no folders)")
+        why = public_url_problem(url, base=False)
+        if why: raise OpdError(f"--image-urls row {i} url", redact_url(url), why)
+        if out.get(name, url) != url: raise OpdError(f"--image-urls row {i} image", name, "one URL per image")
+        out[name] = url
+    return out
+
+def build_export(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=(), survey_rel: str = "survey",
+                 image_urls: dict | None = None) -> dict[str, bytes]:
     "Every file of the survey export, in memory: path relative to the export folder (`<run_dir>/<survey_rel>/`) → bytes."
     run_dir = Path(run_dir)
     samples = read_samples(run_dir)
     rid, _ = _run_info(run_dir)
     terms = forbidden_terms(run_dir, models=models)
-    base = check_base_url(qcfg.base_url, terms)
+    base = None if image_urls else check_base_url(qcfg.base_url, terms)
     qs = plan_survey(samples, qcfg, seed)
     files, names, size = {}, {}, None
     for q in qs:
@@ -452,7 +425,15 @@ def build_export(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=(), surve
                 files[f"public/images/{names[src]}"] = data
             q[f"image_{x}"] = names[src]
         q["run_id"] = rid
-    files[f"public/{TXT_NAME}"] = render_advanced_format(qs, base).encode()
+    if image_urls:
+        missing = sorted({q[f"image_{x}"] for q in qs for x in "ab"} - set(image_urls))
+        if missing: raise OpdError("--image-urls", missing[0], msg=f"--image-urls: no URL for public/images/{missing[0]} ({len(missing)} of {len(names)} images have none); allowed: a row for every file of public/images/ (export once without --image-urls, upload the images, map each file to its URL)")
+    for q in qs:
+        for x in "ab": q[f"url_{x}"] = image_urls[q[f"image_{x}"]] if image_urls else f"{base}/{q[f'image_{x}']}"
+    fp = export_fingerprint(render_advanced_format(qs))
+    txt = render_advanced_format(qs, export_id=fp)
+    for q in qs: q["export_id"] = fp
+    files[f"public/{TXT_NAME}"] = txt.encode("ascii")
     comps = [q for q in qs if q["condition"] != "attention_check"]
     survey = [dict(question_id=q["question_id"], prompt_id=q["prompt_id"], prompt_text=q["prompt_text"],
                    image_a_path=f"{survey_rel}/public/images/{q['image_a']}", image_b_path=f"{survey_rel}/public/images/{q['image_b']}",
@@ -462,9 +443,10 @@ def build_export(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=(), surve
     public = {k: v for k, v in files.items() if k.startswith("public/")}
     leaks = find_leaks(public, terms, [html_text(q["prompt_text"]) for q in qs])
     if leaks: raise RuntimeError(f"blinding check failed (a bug in the export): {leaks[:3]}")
-    manifest = dict(run_id=rid, seed=seed, base_url=base, qualtrics=qcfg.model_dump(mode="json"),
+    manifest = dict(run_id=rid, seed=seed, base_url=base, export_id=fp, qualtrics=qcfg.model_dump(mode="json"),
                     questions={c: sum(q["condition"] == c for q in qs) for c in CONDITIONS},
-                    host=dict(folder="public/images/", base_url=base), qualtrics_import=f"public/{TXT_NAME}",
+                    host=dict(folder="public/images/", base_url=base, image_urls=short_hash(sorted(image_urls.items())) if image_urls else None),
+                    qualtrics_import=f"public/{TXT_NAME}",
                     files={k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())})
     files["private/manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
     return dict(sorted(files.items()))
@@ -482,6 +464,7 @@ class SurveyExport:
     n_images: int
     questions: dict
     unchanged: bool = False
+    export_id: str = ""
 
     def paths(self) -> list[Path]: return [self.survey_csv, self.key_csv, self.manifest, self.txt, self.images]
 
@@ -490,15 +473,22 @@ def _existing(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
             if p.is_file() and not p.relative_to(d).as_posix().startswith("private/analysis/")}
 
-def survey_key(run_dir, qcfg: QualtricsConfig, seed: int = 0) -> str:
-    "The export's folder name: a short hash of the study settings, the seed and the evaluation it reads."
-    return short_hash(qcfg.model_dump(mode="json"), seed, latest_dir(run_dir, "eval").name)
+def survey_key(run_dir, qcfg: QualtricsConfig, seed: int = 0, image_urls: dict | None = None) -> str:
+    "The export's folder name: a short hash of the study settings, the seed, the evaluation it reads (and the image URL map, if any)."
+    return short_hash(qcfg.model_dump(mode="json"), seed, latest_dir(run_dir, "eval").name, *([sorted(image_urls.items())] if image_urls else []))
 
-def export_survey(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=()) -> SurveyExport:
+def placeholder_warning(qcfg: QualtricsConfig, image_urls=None) -> str:
+    "A loud warning while the survey's images point at the placeholder `base_url` ('' otherwise)."
+    if image_urls or qcfg.base_url.rstrip("/") != PLACEHOLDER_URL: return ""
+    return (f"WARNING: qualtrics.base_url is the placeholder {PLACEHOLDER_URL}: the survey's images will not load. "
+            f"Host public/images/ at an https URL and set qualtrics.base_url, or map each image to its URL with opd-export-qualtrics --image-urls FILE.csv")
+
+def export_survey(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=(), image_urls=None) -> SurveyExport:
     "Write `<run_dir>/survey/<survey_key>/` (atomically) and point `survey/LATEST` at it; an identical existing export is kept, a different one refused."
     run_dir = Path(run_dir)
-    key = survey_key(run_dir, qcfg, seed)
-    files = build_export(run_dir, qcfg, seed, models, survey_rel=f"survey/{key}")
+    if image_urls is not None and not isinstance(image_urls, dict): image_urls = read_image_urls(image_urls)
+    key = survey_key(run_dir, qcfg, seed, image_urls)
+    files = build_export(run_dir, qcfg, seed, models, survey_rel=f"survey/{key}", image_urls=image_urls)
     d = run_dir / "survey" / key
     old = _existing(d)
     unchanged = bool(old) and old == files
@@ -519,18 +509,20 @@ def export_survey(run_dir, qcfg: QualtricsConfig, seed: int = 0, models=()) -> S
     set_latest(d.parent, key)
     m = json.loads(files["private/manifest.json"])
     return SurveyExport(d, d / "survey.csv", d / "private" / "key.csv", d / "private" / "manifest.json", d / "public" / TXT_NAME,
-                        d / "public" / "images", sum(k.startswith("public/images/") for k in files), m["questions"], unchanged)
+                        d / "public" / "images", sum(k.startswith("public/images/") for k in files), m["questions"], unchanged, m["export_id"])
 
 # %% ../nbs/08_qualtrics.ipynb #ddc75ad7
-_SRC = re.compile(r'<img src="([^"]+)"')
-
 def check_export(run_dir, models=(), key=None) -> dict:
     "Re-read the run's latest survey export (or `survey/<key>/`) and assert its integrity and blinding; returns counts and slot balance."
     run_dir = Path(run_dir); d = latest_dir(run_dir, "survey", key)
     man = json.loads((d / "private" / "manifest.json").read_text())
-    key = pd.read_csv(d / "private" / "key.csv", dtype=str, keep_default_na=False)
+    key = read_csv(d / "private" / "key.csv", "key.csv")
     base = man["base_url"]
-    blocks = parse_advanced_format((d / "public" / TXT_NAME).read_text())
+    txt = (d / "public" / TXT_NAME).read_text()
+    assert txt.isascii(), "the TXT has non-ASCII characters (they must be HTML entities)"
+    blocks = parse_advanced_format(txt)
+    fp = blocks.embedded.get(EMBEDDED_FIELD)
+    assert set(key["export_id"]) == {fp}, "key.csv belongs to another export (its export_id differs from the TXT's)"
     qs = [q for b in blocks for q in b["questions"]]
     assert qs[0]["type"] in TEXT_TYPES and qs[0]["id"] == "intro", "the first item must be the instructions"
     mc = qs[1:]
@@ -539,22 +531,24 @@ def check_export(run_dir, models=(), key=None) -> dict:
     used = set()
     for q, (_, k) in zip(mc, key.iterrows()):
         assert q["type"] in MC_TYPES and len(q["choices"]) == 2, f"{q['id']}: expected a two-choice MC question"
-        urls = [(_SRC.search(c) or [None, ""])[1] for c in q["choices"]]
-        for u, slot in zip(urls, "AB"):
-            assert u.startswith(base + "/"), f"{q['id']}: choice {slot} image {u!r} is not under base_url"
-            assert u[len(base) + 1:] in images, f"{q['id']}: choice {slot} image {u!r} missing from public/images/"
-        assert [u.rsplit("/", 1)[1] for u in urls] == [k.image_a, k.image_b], f"{q['id']}: key images differ from the TXT"
+        urls = [html.unescape((_SRC.search(c) or [None, ""])[1]) for c in q["choices"]]
+        for u, slot, name, want in zip(urls, "AB", (k.image_a, k.image_b), (k.url_a, k.url_b)):
+            assert u == want, f"{q['id']}: choice {slot} image {u!r} is not the key's {want!r}"
+            if base: assert u == f"{base}/{name}", f"{q['id']}: choice {slot} image {u!r} is not under base_url"
+            assert name in images, f"{q['id']}: choice {slot} image {name!r} missing from public/images/"
         used |= {k.image_a, k.image_b}
     assert used == images, f"unreferenced public images: {sorted(images - used)[:3]}"
-    sv = pd.read_csv(d / "survey.csv", dtype=str, keep_default_na=False)
+    sv = read_csv(d / "survey.csv", "survey.csv")
     assert tuple(sv.columns) == SURVEY_COLUMNS, f"survey.csv columns {list(sv.columns)}"
     comps = key[key.condition != "attention_check"]
     assert sv.question_id.tolist() == comps.question_id.tolist(), "survey.csv questions differ from the key"
     assert sv.randomized_label.tolist() == comps.distilled_slot.tolist(), "survey.csv randomized_label differs from the key"
-    for p in pd.concat([sv.image_a_path, sv.image_b_path]): assert (run_dir / p).is_file(), f"survey.csv names a missing image {p}"
+    for i, r in enumerate(sv.itertuples(index=False), start=1):
+        for c in ("image_a_path", "image_b_path"): confined_path(run_dir, getattr(r, c), f"{d.relative_to(run_dir).as_posix()}/survey.csv row {i} {c}")
     public = {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted((d / "public").rglob("*")) if p.is_file()}
     leaks = find_leaks(public, forbidden_terms(run_dir, models=models), [html_text(t) for t in key.prompt_text])
     assert not leaks, f"blinding: {leaks[:5]}"
+    assert export_fingerprint(txt) == fp, f"the TXT was edited after export (its content no longer hashes to its export id {fp})"
     balance = {}
     for cond, col in (("after_vs_before", "distilled_slot"), ("after_vs_teacher", "distilled_slot"), ("attention_check", "correct_slot")):
         sl = key.loc[key.condition == cond, col]
@@ -564,7 +558,7 @@ def check_export(run_dir, models=(), key=None) -> dict:
         assert lo <= a <= hi, f"{cond}: {a} of {n} in slot A, outside the binomial 99% interval [{lo}, {hi}]"
         balance[cond] = dict(n=n, slot_a=a, interval_99=(lo, hi))
     return dict(questions=len(mc), comparisons=len(comps), attention_checks=int((key.condition == "attention_check").sum()),
-                images=len(images), balance=balance)
+                images=len(images), balance=balance, export_id=fp)
 
 # %% ../nbs/08_qualtrics.ipynb #7ba85b55
 def _run_dir_from_args(args) -> Path:
@@ -581,6 +575,7 @@ def export_parser() -> argparse.ArgumentParser:
     p = config_parser("opd-export-qualtrics", "Export a blinded two-image Qualtrics study from an evaluated run.")
     p.add_argument("--run-id", help="run id: the run directory is outputs/runs/<ID>")
     p.add_argument("--run-dir", help="the run directory (holds eval/samples.csv)")
+    p.add_argument("--image-urls", help="CSV image,url: the https URL of each file of public/images/ (e.g. Qualtrics Graphics Library); replaces qualtrics.base_url")
     p._option_string_actions["--out"].help = "synonym of --run-dir"
     return p
 
@@ -589,12 +584,13 @@ def export_cli(argv=None) -> SurveyExport | None:
     cfg = config_from_args(args)
     if args.print_config: print_config(cfg); return None
     run_dir = _run_dir_from_args(args)
-    ex = export_survey(run_dir, cfg.qualtrics, seed=cfg.seed, models=(cfg.model.teacher, cfg.model.student))
-    if cfg.qualtrics.base_url == QualtricsConfig.model_fields["base_url"].default:
-        print(f"warning: qualtrics.base_url is the placeholder {cfg.qualtrics.base_url}; set it to where public/images/ will be hosted", file=sys.stderr)
+    urls = read_image_urls(args.image_urls) if args.image_urls else None
+    ex = export_survey(run_dir, cfg.qualtrics, seed=cfg.seed, models=(cfg.model.teacher, cfg.model.student), image_urls=urls)
+    if w := placeholder_warning(cfg.qualtrics, urls): print(w, file=sys.stderr)
     q = ex.questions
     print(f"{'unchanged (identical export present)' if ex.unchanged else 'wrote'}: {q['after_vs_before']} after-vs-before + "
-          f"{q['after_vs_teacher']} after-vs-teacher questions, {q['attention_check']} attention checks, {ex.n_images} images", file=sys.stderr)
+          f"{q['after_vs_teacher']} after-vs-teacher questions, {q['attention_check']} attention checks, {ex.n_images} images; "
+          f"export id {ex.export_id}", file=sys.stderr)
     for p in ex.paths(): print(p)
     return ex
 
@@ -622,91 +618,140 @@ QUALTRICS_META = [  # (column, question-text row, ImportId row) of a Qualtrics C
     ("DistributionChannel", "Distribution Channel", '{"ImportId":"distributionChannel"}'),
     ("UserLanguage", "User Language", '{"ImportId":"userLanguage"}'),
 ]
-# Status values of responses that are not real participants (numeric and text exports): 1 survey
-# preview, 2 survey test, 8 spam, 9 preview spam, 12 imported spam, 17 offline survey preview
-NOT_PARTICIPANT_STATUS = {"1", "2", "8", "9", "12", "17", "Survey Preview", "Survey Test", "Spam", "Preview Spam",
-                          "Imported Spam", "Offline Survey Preview"}
+QUALTRICS_META_DE = ["Startdatum", "Enddatum", "Antworttyp", "IP-Adresse", "Fortschritt", "Dauer (in Sekunden)", "Beendet",
+                     "Aufgezeichnetes Datum", "Antwort-ID", "Nachname des Empfängers", "Vorname des Empfängers",
+                     "E-Mail-Adresse des Empfängers", "Externe Datenreferenz", "Breitengrad", "Längengrad", "Verteilungskanal",
+                     "Benutzersprache"]   # row 2 of a German account's export: the same columns, other words
+QUALTRICS_STATUS = {  # Response Type code → (label, why the response is dropped; '' = a real participant)
+    "0": ("IP Address", ""), "1": ("Survey Preview", "preview"), "2": ("Survey Test", "test"), "4": ("Imported", "imported"),
+    "8": ("Spam", "spam"), "9": ("Survey Preview Spam", "spam"), "12": ("Imported Spam", "spam"), "16": ("Offline", ""),
+    "17": ("Offline Survey Preview", "preview"), "32": ("EX", ""), "40": ("EX Spam", "spam"), "48": ("EX Offline", ""),
+    "256": ("Synthetic", "synthetic")}
+_STATUS_LABELS = {lbl.lower(): why for lbl, why in QUALTRICS_STATUS.values()} | {"offline preview": "preview"}
+_META_IMPORT = {"_recordId": "ResponseId", "status": "Status", "finished": "Finished", EMBEDDED_FIELD: EMBEDDED_FIELD}
+_RESPONSE_ID = re.compile(r"R_[A-Za-z0-9]{8,24}")
+
+def status_reason(value) -> str:
+    "Why a response with this Qualtrics Status is dropped ('' for a real participant), numeric code or label."
+    s = str(value).strip()
+    if re.fullmatch(r"\d+(?:\.0)?", s): s = str(int(float(s)))
+    if s in QUALTRICS_STATUS: return QUALTRICS_STATUS[s][1]
+    return _STATUS_LABELS.get(s.lower(), f"unknown status {s!r}")
+
+def _import_id(cell) -> str | None:
+    try: v = json.loads(str(cell))
+    except ValueError: return None
+    return v.get("ImportId") if isinstance(v, dict) else None
 
 def read_qualtrics_csv(path) -> pd.DataFrame:
-    "A Qualtrics CSV export (3 header rows) → one row per response, all cells as strings."
+    "A Qualtrics CSV export → one row per response, all cells as strings, read by position (any account language)."
     path = Path(path)
     if not path.is_file(): raise OpdError("--responses", str(path), msg=f"--responses={str(path)!r}: no such file; allowed: a Qualtrics CSV export")
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    try: raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", header=None)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise OpdError("--responses", str(path), msg=f"--responses={str(path)!r}: not a readable CSV ({type(e).__name__}); allowed: a Qualtrics CSV export") from None
-    if "ResponseId" not in df.columns:
+    names = [str(c).strip() for c in raw.iloc[0]]
+    imports = [_import_id(c) for c in raw.iloc[2]] if len(raw) >= 3 else []
+    n_head = 3 if any(imports) else None
+    if n_head: names = [_META_IMPORT.get(imp, nm) for nm, imp in zip(names, imports)]
+    if "ResponseId" not in names:
         raise OpdError("--responses", str(path), msg=f"--responses={str(path)!r}: no ResponseId column; allowed: a Qualtrics CSV export (header rows: column ids, question text, ImportId JSON)")
-    hdr = df["ResponseId"].str.startswith('{"ImportId"') | (df["ResponseId"] == "Response ID")
-    df = df[~hdr].reset_index(drop=True)
+    rid = names.index("ResponseId")
+    if n_head is None: n_head = 1 if len(raw) < 2 or _RESPONSE_ID.fullmatch(raw.iat[1, rid].strip()) else 2
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup: raise OpdError("--responses", dup[0], msg=f"--responses: column {dup[0]!r} appears twice in row 1; allowed: one column per question id")
+    df = raw.iloc[n_head:].reset_index(drop=True)
+    df.columns = names
+    df.attrs["header_rows"] = n_head
     dup = df["ResponseId"].duplicated()
     if dup.any(): raise OpdError("--responses ResponseId", df["ResponseId"][dup].iloc[0], "unique response ids (one row per response)")
     return df
 
 _LABEL = re.compile(r"(?:image\s*)?([ab])", re.I)
 
-def decode_choice(value) -> str | None:
-    "A Qualtrics answer cell → 'A', 'B' or None (no answer). Numeric: 1 → A, 2 → B; choice text: 'Image A' / 'Image B' (HTML stripped)."
+def decode_choice(value, urls=()) -> str | None:
+    "A Qualtrics answer cell → 'A', 'B' or None (no answer): 1/2, 'Image A'/'Image B' (HTML stripped), or one of the question's image `urls` (bare or as `<img src>`)."
     s = str(value).strip()
     if s in ("", "-99", "nan"): return None
     if re.fullmatch(r"[12](?:\.0)?", s): return "AB"[int(float(s)) - 1]
     text = " ".join(html.unescape(re.sub(r"<[^>]*>", " ", s)).split())
     m = _LABEL.fullmatch(text)
     if m: return m.group(1).upper()
+    src = _SRC.search(s)
+    u = html.unescape(src.group(1) if src else text)
+    for slot, url in zip("AB", urls):
+        if u and u == url: return slot
     raise ValueError(s)
 
 # %% ../nbs/08_qualtrics.ipynb #4926243a
+KEY_NEEDS = ("question_id", "condition", "distilled_slot", "correct_slot", "category", "prompt_id", "prompt_text",
+             "url_a", "url_b", "export_id")
+
 def read_key(path) -> pd.DataFrame:
     "Read and validate a survey key (`private/key.csv`)."
     path = Path(path)
     if not path.is_file(): raise OpdError("--key", str(path), msg=f"--key={str(path)!r}: no such file; allowed: the survey's private/key.csv")
-    try: key = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise OpdError("--key", str(path), msg=f"--key={str(path)!r}: not a readable CSV ({type(e).__name__})") from None
-    need = ("question_id", "condition", "distilled_slot", "correct_slot", "category", "prompt_id", "prompt_text")
-    missing = [c for c in need if c not in key.columns]
+    key = read_csv(path, "--key")
+    missing = [c for c in KEY_NEEDS if c not in key.columns]
     if missing: raise OpdError("--key", str(path), msg=f"--key={str(path)!r}: missing column {missing[0]!r}; allowed: a key.csv written by opd-export-qualtrics")
+    if key.empty: raise OpdError("--key", str(path), msg=f"--key={str(path)!r}: no rows; allowed: a key.csv written by opd-export-qualtrics")
     for i, r in enumerate(key.itertuples(index=False), start=1):
         if r.condition not in CONDITIONS: raise OpdError(f"--key row {i} condition", r.condition, ", ".join(CONDITIONS))
         col = "correct_slot" if r.condition == "attention_check" else "distilled_slot"
         if getattr(r, col) not in ("A", "B"): raise OpdError(f"--key row {i} {col}", getattr(r, col), "A, B")
+        if not re.fullmatch(r"[0-9a-f]{16}", r.export_id) or r.export_id != key.export_id.iloc[0]:
+            raise OpdError(f"--key row {i} export_id", r.export_id, "the export id of the survey (16 hex digits, the same in every row)")
     if key["question_id"].duplicated().any(): raise OpdError("--key question_id", key["question_id"][key["question_id"].duplicated()].iloc[0], "unique question ids")
     return key
 
 def make_fake_responses(key, path, n_participants: int = 60, n_inattentive: int = 6, n_unfinished: int = 1,
                         p_distilled: float = 0.7, p_teacher: float = 0.4, p_skip: float = 0.02,
-                        numeric: bool = True, seed: int = 0) -> Path:
+                        numeric: bool = True, seed: int = 0, choices: str | None = None, language: str = "EN",
+                        statuses=(), export_id: str | None = None) -> Path:
     "Write a synthetic Qualtrics CSV export (3 header rows) for `key` with a known true preference."
     key = read_key(key) if not isinstance(key, pd.DataFrame) else key
+    choices = choices or ("numeric" if numeric else "text")
     rng = np.random.default_rng(seed)
     qids = key["question_id"].tolist()
-    enc = (lambda s: "1" if s == "A" else "2") if numeric else (lambda s: f"Image {s}")
+    urls = {k.question_id: {"A": k.url_a, "B": k.url_b} for k in key.itertuples(index=False)}
+    def enc(q, s):
+        if choices == "numeric": return "1" if s == "A" else "2"
+        if choices == "url": return urls[q][s]
+        if choices == "html": return f'<img src="{html.escape(urls[q][s], quote=True)}" alt="" width="384">'
+        return f"Image {s}"
     other = {"A": "B", "B": "A"}
     rows = []
-    kinds = ["ok"] * n_participants + ["inattentive"] * n_inattentive + ["unfinished"] * n_unfinished
+    kinds = ["ok"] * n_participants + ["inattentive"] * n_inattentive + ["unfinished"] * n_unfinished + [f"status:{s}" for s in statuses]
     rng.shuffle(kinds)
     for i, kind in enumerate(kinds):
         ans = {}
         for j, k in enumerate(key.itertuples(index=False)):
-            if kind == "unfinished" and j >= len(qids) // 3: ans[k.question_id] = ""; continue
+            q = k.question_id
+            if kind == "unfinished" and j >= len(qids) // 3: ans[q] = ""; continue
             if k.condition == "attention_check":
-                ans[k.question_id] = enc(other[k.correct_slot] if kind == "inattentive" else k.correct_slot)
+                ans[q] = enc(q, other[k.correct_slot] if kind == "inattentive" else k.correct_slot)
                 continue
-            if kind == "inattentive": ans[k.question_id] = enc(other[k.distilled_slot]); continue
-            if rng.random() < p_skip: ans[k.question_id] = "-99" if numeric else ""; continue
+            if kind == "inattentive" or kind.startswith("status:"): ans[q] = enc(q, other[k.distilled_slot]); continue
+            if rng.random() < p_skip: ans[q] = "-99" if choices == "numeric" else ""; continue
             p = p_distilled if k.condition == "after_vs_before" else p_teacher
-            ans[k.question_id] = enc(k.distilled_slot if rng.random() < p else other[k.distilled_slot])
+            ans[q] = enc(q, k.distilled_slot if rng.random() < p else other[k.distilled_slot])
         done = kind != "unfinished"
+        status = kind.removeprefix("status:") if kind.startswith("status:") else ("0" if numeric else "IP Address")
         meta = dict(zip([c for c, *_ in QUALTRICS_META], [
-            "2026-11-26 10:00:00", "2026-11-26 10:09:00", "0" if numeric else "IP Address", "",
+            "2026-11-26 10:00:00", "2026-11-26 10:09:00", status, "",
             "100" if done else "35", str(int(rng.integers(200, 900))), ("1" if done else "0") if numeric else str(done),
             "2026-11-26 10:09:01", "R_" + "".join(rng.choice(list("abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"), 15)),
-            "", "", "", "", "", "", "anonymous", "EN"]))
-        rows.append(meta | ans)
-    cols = [c for c, *_ in QUALTRICS_META] + qids
-    texts = [t for _, t, _ in QUALTRICS_META] + [
-        (f"Description: “{k.prompt_text}” Which image is better for this description?" if k.prompt_text else "Please select the image named in the question.")
-        for k in key.itertuples(index=False)]
-    imports = [i for *_, i in QUALTRICS_META] + [f'{{"ImportId":"QID{j + 2}"}}' for j in range(len(qids))]
+            "", "", "", "", "", "", "anonymous", language]))
+        rows.append(meta | ans | {EMBEDDED_FIELD: key.export_id.iloc[0] if export_id is None else export_id})
+    with_ed = export_id != ""
+    cols = [c for c, *_ in QUALTRICS_META] + qids + [EMBEDDED_FIELD] * with_ed
+    de = language.upper() == "DE"
+    texts = (QUALTRICS_META_DE if de else [t for _, t, _ in QUALTRICS_META]) + [
+        ((f"Beschreibung: „{k.prompt_text}“ Welches Bild passt besser zu dieser Beschreibung?" if de else
+          f"Description: “{k.prompt_text}” Which image is better for this description?") if k.prompt_text else
+         ("Bitte wählen Sie das in der Frage genannte Bild." if de else "Please select the image named in the question."))
+        for k in key.itertuples(index=False)] + [EMBEDDED_FIELD] * with_ed
+    imports = [i for *_, i in QUALTRICS_META] + [f'{{"ImportId":"QID{j + 2}"}}' for j in range(len(qids))] + [f'{{"ImportId":"{EMBEDDED_FIELD}"}}'] * with_ed
     path = Path(path)
     with open(path, "w", newline="", encoding="utf-8-sig") as f:
         w = csv.writer(f)
@@ -717,25 +762,37 @@ def make_fake_responses(key, path, n_participants: int = 60, n_inattentive: int 
 # %% ../nbs/08_qualtrics.ipynb #b00ad7e5
 def _truthy(v: str) -> bool: return str(v).strip().lower() in ("1", "true", "1.0")
 
+def check_export_id(resp: pd.DataFrame, key: pd.DataFrame) -> str:
+    "The key's export id, after checking that every response recorded it (one-line refusal otherwise)."
+    want = key["export_id"].iloc[0]
+    if EMBEDDED_FIELD not in resp.columns:
+        raise OpdError("--responses", EMBEDDED_FIELD, msg=f"--responses: no {EMBEDDED_FIELD} column (the export id that the survey's [[ED:{EMBEDDED_FIELD}:…]] line records in every response); allowed: the export of a survey imported from the {TXT_NAME} of this key")
+    got = [v.strip() for v in resp[EMBEDDED_FIELD]]
+    other = sorted({v for v in got if v != want})
+    if other:
+        n = sum(v != want for v in got)
+        raise OpdError("--responses " + EMBEDDED_FIELD, other[0], msg=f"--responses: {n} of {len(got)} responses carry export id {other[0]!r}, the key's is {want!r}: they answer another export (other seed, settings or images); allowed: the key.csv of the export the survey was imported from")
+    return want
+
 def score_responses(resp: pd.DataFrame, key: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     "(trials, participants): one row per kept response × answered comparison; one row per response with its exclusion reason."
     missing = [q for q in key["question_id"] if q not in resp.columns]
     if missing: raise OpdError("--responses", missing[0], msg=f"--responses: no column {missing[0]!r} (the key's question IDs {key.question_id.iloc[0]}…{key.question_id.iloc[-1]}); allowed: the export of the survey this key belongs to")
+    check_export_id(resp, key)
     checks, comps = key[key.condition == "attention_check"], key[key.condition != "attention_check"]
     decoded = {}
-    for q in key["question_id"]:
+    for k in key.itertuples(index=False):
         col = []
-        for rid, v in zip(resp["ResponseId"], resp[q]):
-            try: col.append(decode_choice(v))
-            except ValueError: raise OpdError(f"--responses {rid} {q}", v, "1 or 2 (numeric export), 'Image A' or 'Image B' (choice text), or empty") from None
-        decoded[q] = col
+        for rid, v in zip(resp["ResponseId"], resp[k.question_id]):
+            try: col.append(decode_choice(v, (k.url_a, k.url_b)))
+            except ValueError: raise OpdError(f"--responses {rid} {k.question_id}", v, "1 or 2 (numeric export), 'Image A' or 'Image B' (choice text), the URL of one of its two images, or empty") from None
+        decoded[k.question_id] = col
     parts, trials = [], []
     for i, rid in enumerate(resp["ResponseId"]):
-        status = resp["Status"][i] if "Status" in resp else ""
+        status = resp["Status"][i] if "Status" in resp else "0"
         finished = _truthy(resp["Finished"][i]) if "Finished" in resp else True
         failed = sum(decoded[q][i] != c for q, c in zip(checks.question_id, checks.correct_slot))
-        reason = ("preview/test/spam" if status in NOT_PARTICIPANT_STATUS else "unfinished" if not finished
-                  else "failed attention check" if failed else "")
+        reason = status_reason(status) or ("unfinished" if not finished else "failed attention check" if failed else "")
         parts.append(dict(response_id=rid, status=status, finished=finished, checks_failed=failed,
                           answered=sum(decoded[q][i] is not None for q in comps.question_id), kept=not reason, reason=reason))
         if reason: continue
@@ -815,23 +872,23 @@ def analyze_survey(responses, key, out=None, level: float = 0.95) -> SurveyAnaly
     k = read_key(key)
     resp = read_qualtrics_csv(responses)
     trials, parts = score_responses(resp, k)
-    if trials.empty: raise OpdError("--responses", str(responses), msg=f"--responses={str(responses)!r}: no kept response answers any comparison ({len(parts)} responses, {int((~parts.kept).sum())} excluded); allowed: an export with finished responses that pass the attention checks")
+    excluded = {r: int(n) for r, n in parts.reason[parts.reason != ""].value_counts().items()}
+    if trials.empty: raise OpdError("--responses", str(responses), msg=f"--responses={str(responses)!r}: no kept response answers any comparison ({len(parts)} responses, dropped: {excluded or 'none'}); allowed: an export with finished responses of real participants that pass the attention checks")
     table = win_rates(trials, level)
     out = Path(out) if out is not None else Path(key).parent / "analysis"
     if out.exists() and not out.is_dir(): raise OpdError("--out", str(out), "a directory path")
     pos = wilson(int(trials.chose_a.sum()), len(trials), level)
-    summary = dict(responses=len(parts), kept=int(parts.kept.sum()),
-                   excluded={r: int(n) for r, n in parts.reason[parts.reason != ""].value_counts().items()},
+    summary = dict(responses=len(parts), kept=int(parts.kept.sum()), excluded=excluded, export_id=k.export_id.iloc[0],
                    trials=len(trials), level=level,
                    win_rate={r.comparison: dict(win_rate=r.win_rate, ci=[r.ci_low, r.ci_high], n=r.n)
                              for r in table[table.category == "all"].itertuples()},
                    left_chosen=dict(rate=float(trials.chose_a.mean()), ci=list(pos)))
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / n for n in ("win_rates.csv", "win_rates.md", "win_rates.png", "participants.csv", "summary.json")]
-    table.to_csv(paths[0], index=False)
+    write_csv(paths[0], table)
     paths[1].write_text(markdown_table(table, level))
     plot_win_rates(table, paths[2])
-    parts.to_csv(paths[3], index=False)
+    write_csv(paths[3], parts)
     paths[4].write_text(json.dumps(summary, indent=2) + "\n")
     return SurveyAnalysis(table, parts, summary, paths)
 
@@ -844,9 +901,10 @@ def analyze_cli(argv=None) -> SurveyAnalysis:
     for name in ("responses", "key"):
         if not getattr(args, name): raise OpdError(f"--{name}", None, msg=f"--{name}: missing; allowed: --responses EXPORT.csv --key KEY.csv")
     a = analyze_survey(args.responses, args.key, args.out)
-    for c, w in a.summary["win_rate"].items():
-        print(f"{c}: distilled chosen {w['win_rate']:.1%} [{w['ci'][0]:.1%}, {w['ci'][1]:.1%}] of {w['n']} trials "
-              f"({a.summary['kept']} of {a.summary['responses']} responses kept)", file=sys.stderr)
+    s = a.summary
+    print(f"kept {s['kept']} of {s['responses']} responses; dropped: " + (", ".join(f"{n} {r}" for r, n in s["excluded"].items()) or "none"), file=sys.stderr)
+    for c, w in s["win_rate"].items():
+        print(f"{c}: distilled chosen {w['win_rate']:.1%} [{w['ci'][0]:.1%}, {w['ci'][1]:.1%}] of {w['n']} trials", file=sys.stderr)
     for path in a.paths: print(path)
     return a
 

@@ -1,6 +1,6 @@
 """Integration tests for `opd-export-qualtrics` and `opd-analyze-survey` on a synthetic evaluated run:
 blinding, integrity, counterbalancing, reproducibility, and one-line errors that write nothing."""
-import json, re, shutil, subprocess
+import csv, json, re, shutil, subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -133,7 +133,7 @@ BAD_EXPORTS = [
     (lambda t: t / "missing", [], "--run-dir="),
     (_no_eval, [], "eval/samples.csv: no such file"),
     (_no_teacher, ["--set", "qualtrics.teacher_arm=true"], "qualtrics.teacher_arm=True is not allowed"),
-    (_bad_arm, [], "arm='distilled' is not allowed; allowed: before, after, teacher"),
+    (_bad_arm, [], "arm='distilled' is not allowed; allowed: teacher, before, after"),
     (_only_before, [], "no (prompt_id, seed) has both"),
     (lambda t: make_fake_eval_run(t / "tiny-u", 2, (0,)), ["--set", "qualtrics.base_url=example.org/x"], "qualtrics.base_url="),
     (lambda t: make_fake_eval_run(t / "tiny-v", 2, (0,)), ["--set", "qualtrics.base_url=https://cdn.org/distilled"], "contains 'distill'"),
@@ -175,10 +175,10 @@ def test_analyze_recovers_known_preference(fake_run, tmp_path, numeric):
     assert parts.kept.sum() == 80 and (parts.checks_failed[parts.reason == "failed attention check"] > 0).all()
 
 def _resp_cut(resp: Path, dst: Path) -> Path:
-    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.drop(columns=[raw.columns[-1]]).to_csv(dst, index=False, header=False); return dst
+    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.drop(columns=[raw.columns[-2]]).to_csv(dst, index=False, header=False); return dst   # the last question (the last column is opd_export)
 
 def _resp_value(resp: Path, dst: Path) -> Path:
-    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.iloc[3, -1] = "Image C"; raw.to_csv(dst, index=False, header=False); return dst
+    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False); raw.iloc[3, -2] = "Image C"; raw.to_csv(dst, index=False, header=False); return dst
 
 def test_bad_analysis_exit_2_nothing_written(fake_run, tmp_path, capsys):
     ex = export_survey(fake_run, QualtricsConfig(), seed=0)
@@ -197,3 +197,102 @@ def test_bad_analysis_exit_2_nothing_written(fake_run, tmp_path, capsys):
         err = exit_2_one_line(analyze_main, [*argv, "--out", str(out)], capsys)
         assert expect in err, (expect, err)
     assert not out.exists() and not (ex.key_csv.parent / "analysis").exists()
+
+# --- real export layouts (issue 16): by position, any language, statuses, URL choices, export id ----------------
+
+from opd.qualtrics import EMBEDDED_FIELD, read_key, read_qualtrics_csv, score_responses
+from opd.samples import read_csv, write_csv
+
+def _export_layouts(resp: Path, d: Path) -> dict:
+    "The same responses as a German account exports them, without the ImportId row (legacy: 2 header rows), and with row 1 only."
+    raw = pd.read_csv(resp, dtype=str, header=None, keep_default_na=False)
+    out = {}
+    out["de"] = d / "de.csv"; make = raw.copy(); make.iloc[1, 8] = "Antwort-ID"; make.iloc[1, 2] = "Antworttyp"; make.to_csv(out["de"], index=False, header=False)
+    out["two_rows"] = d / "two.csv"; raw.drop(index=2).to_csv(out["two_rows"], index=False, header=False)
+    out["one_row"] = d / "one.csv"; raw.drop(index=[1, 2]).to_csv(out["one_row"], index=False, header=False)
+    return out
+
+def test_real_export_layouts_read_by_position(fake_run, tmp_path):
+    ex = export_survey(fake_run, QualtricsConfig(), seed=0)
+    key = read_key(ex.key_csv)
+    resp = make_fake_responses(ex.key_csv, tmp_path / "resp.csv", n_participants=30, seed=2)
+    base, _ = score_responses(read_qualtrics_csv(resp), key)
+    de = make_fake_responses(ex.key_csv, tmp_path / "resp_de.csv", n_participants=30, seed=2, language="DE")
+    assert pd.read_csv(de, dtype=str, header=None).iloc[1, 8] == "Antwort-ID"
+    layouts = _export_layouts(resp, tmp_path) | {"german_account": de}
+    for name, path in layouts.items():
+        df = read_qualtrics_csv(path)
+        assert len(df) == 30 + 6 + 1, name
+        trials, _ = score_responses(df, key)
+        assert trials.equals(base), name
+    assert [read_qualtrics_csv(layouts[n]).attrs["header_rows"] for n in ("de", "two_rows", "one_row")] == [3, 2, 1]
+
+@pytest.mark.parametrize("choices", ["text", "url", "html"])
+def test_choice_formats_decode_like_numeric(fake_run, tmp_path, choices):
+    ex = export_survey(fake_run, QualtricsConfig(), seed=0)
+    key = read_key(ex.key_csv)
+    num, _ = score_responses(read_qualtrics_csv(make_fake_responses(ex.key_csv, tmp_path / "n.csv", seed=3)), key)
+    other, _ = score_responses(read_qualtrics_csv(make_fake_responses(ex.key_csv, tmp_path / "o.csv", seed=3, choices=choices)), key)
+    assert other.equals(num)
+
+def test_status_codes_keep_only_real_participants(fake_run, tmp_path):
+    ex = export_survey(fake_run, QualtricsConfig(), seed=0)
+    statuses = ("1", "Survey Preview", "17", "Offline Preview", "Offline Survey Preview", "2", "Survey Test", "8", "9", "12", "40",
+                "4", "Imported", "256", "99")
+    real = ("16", "Offline", "32", "48")                    # offline app and EX responses are real participants
+    resp = make_fake_responses(ex.key_csv, tmp_path / "resp.csv", n_participants=40, n_inattentive=2, n_unfinished=1,
+                               numeric=False, statuses=statuses + real, seed=4)
+    out = tmp_path / "analysis"
+    r = run("opd-analyze-survey", "--responses", str(resp), "--key", str(ex.key_csv), "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["kept"] == 40 + len(real)
+    assert summ["excluded"] == {"preview": 5, "spam": 4, "test": 2, "imported": 2, "failed attention check": 2, "synthetic": 1,
+                                "unfinished": 1, "unknown status '99'": 1}
+    assert "dropped: 5 preview, 4 spam" in r.stderr and f"kept {40 + len(real)} of {40 + 3 + len(statuses) + len(real)}" in r.stderr
+    parts = read_csv(out / "participants.csv")
+    assert set(parts.status[parts.reason == "preview"]) == {"1", "Survey Preview", "17", "Offline Preview", "Offline Survey Preview"}
+
+def test_export_id_ties_responses_to_their_key(tmp_path, capsys):
+    rd = make_fake_eval_run(tmp_path / "tiny-seeds", n_prompts=6, seeds=(0, 1))
+    ex0, ex1 = export_survey(rd, QualtricsConfig(), seed=0), export_survey(rd, QualtricsConfig(), seed=1)
+    assert ex0.export_id != ex1.export_id and read_key(ex0.key_csv).question_id.tolist() == read_key(ex1.key_csv).question_id.tolist()
+    resp = make_fake_responses(ex0.key_csv, tmp_path / "resp.csv", n_participants=60, p_distilled=0.7, seed=5)
+    a = run("opd-analyze-survey", "--responses", str(resp), "--key", str(ex0.key_csv), "--out", str(tmp_path / "ok"))
+    assert a.returncode == 0, a.stderr
+    err = exit_2_one_line(analyze_main, ["--responses", str(resp), "--key", str(ex1.key_csv), "--out", str(tmp_path / "bad")], capsys)
+    assert f"carry export id {ex0.export_id!r}, the key's is {ex1.export_id!r}" in err and not (tmp_path / "bad").exists()
+    # the export id in the TXT is the embedded data Qualtrics records, and it is what check_export recomputes
+    txt = ex0.txt.read_text()
+    assert f"[[ED:{EMBEDDED_FIELD}:{ex0.export_id}]]" in txt and check_export(rd, key=ex0.dir.name)["export_id"] == ex0.export_id
+
+def test_image_urls_export_and_analysis(fake_run, tmp_path):
+    r = run("opd-export-qualtrics", "--stage", "tiny", "--run-dir", str(fake_run), cwd=tmp_path)
+    assert r.returncode == 0 and "WARNING: qualtrics.base_url is the placeholder" in r.stderr, r.stderr
+    first = latest_dir(fake_run, "survey")
+    names = sorted(p.name for p in (first / "public" / "images").iterdir())
+    urls = tmp_path / "urls.csv"
+    pd.DataFrame(dict(image=names, url=[f"https://acme.qualtrics.com/ControlPanel/Graphic.php?IM=IM_{i:08d}" for i in range(len(names))])).to_csv(urls, index=False)
+    r2 = run("opd-export-qualtrics", "--stage", "tiny", "--run-dir", str(fake_run), "--image-urls", str(urls), cwd=tmp_path)
+    assert r2.returncode == 0 and "WARNING" not in r2.stderr, r2.stderr
+    second = latest_dir(fake_run, "survey")
+    assert second != first and tree(first)                    # a new export beside the first, which is kept
+    rep = check_export(fake_run)
+    key = read_key(second / "private" / "key.csv")
+    assert key.url_a.str.startswith("https://acme.qualtrics.com/ControlPanel/Graphic.php?IM=IM_").all() and rep["export_id"] == key.export_id[0]
+    assert "https://example.org" not in (second / "public" / TXT_NAME).read_text()
+    resp = make_fake_responses(key, tmp_path / "resp.csv", choices="url", seed=6)
+    r3 = run("opd-analyze-survey", "--responses", str(resp), "--key", str(second / "private" / "key.csv"), "--out", str(tmp_path / "a"))
+    assert r3.returncode == 0, r3.stderr
+
+def test_csv_cells_formula_safe_and_exact(tmp_path):
+    rd = make_fake_eval_run(tmp_path / "tiny-formula", n_prompts=3, seeds=(0,))
+    s = read_csv(rd / "eval" / "samples.csv")
+    evil = {"p0000": '=HYPERLINK("http://evil.example/x","click")', "p0001": "+cmd|' /C calc'!A0", "p0002": "@SUM(1)"}
+    s["prompt"] = s.prompt_id.map(evil); write_csv(rd / "eval" / "samples.csv", s)
+    ex = export_survey(rd, QualtricsConfig(), seed=0)
+    for f in (rd / "eval" / "samples.csv", ex.key_csv, ex.survey_csv):
+        cells = [c for row in csv.reader(open(f, newline="")) for c in row]
+        assert not any(c[:1] in "=+-@\t\r" and c[:1] and not re.fullmatch(r"[+-]?\d+(\.\d*)?", c) for c in cells), f
+    assert set(read_key(ex.key_csv).prompt_text) >= set(evil.values())       # read back exactly
+    assert html_text(evil["p0000"]) in ex.txt.read_text()
