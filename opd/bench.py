@@ -19,6 +19,7 @@ from .config import (Config, OpdError, cli_main, config_from_args, config_parser
 from .models import compile_blocks, compile_unavailable
 from .rollout import trained_states
 from .train import peak_mem_mb
+from .stats import md_table
 
 # %% auto #0
 __all__ = ['PHASES', 'TARGETS', 'GPU_BENCH_OVERRIDES', 'sync', 'timed', 'median', 'reset_peak', 'memory_mb', 'device_info',
@@ -193,7 +194,8 @@ def measure_iterations(trainer, iters: int = 5, warmup: int = 2, progress: bool 
 
 # %% ../nbs/11_bench.ipynb #1620fd17
 def _prompt_batch(trainer, b: int):
-    from opd.rollout import PromptBatch, derive_seed
+    from opd.rollout import PromptBatch
+    from opd.stats import derive_seed
     recs = trainer.stream.records
     recs = [recs[i % len(recs)] for i in range(b)]
     prompts = [r["prompt"] for r in recs]
@@ -438,12 +440,6 @@ def targets_met(res: dict) -> dict:
     return out
 
 # %% ../nbs/11_bench.ipynb #93a24f13
-def _fmt_table(rows: list[list], header: list[str]) -> str:
-    cells = [[str(c) for c in r] for r in [header] + rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) + " |"
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in cells[1:]])
-
 def _ms(s) -> str: return "—" if s is None or s != s else f"{1e3 * s:.1f}"
 
 def bench_table(res: dict) -> str:
@@ -461,7 +457,7 @@ def bench_table(res: dict) -> str:
         rows = [[p, _ms(it[f"t_{p}"]), _ms(pu[f"{p}_s"] * (1 if p == "optimizer" else ga)), f"{ov[p]:.2f}"] for p in ("rollout", "grading", "backward", "optimizer")]
         rows += [["other (step bookkeeping)", _ms(it["t_other"]), "", ""],
                  ["**iteration**", _ms(it["wall_s"]), _ms(pu["total_s"]), f"**{res['overhead_ratio']:.2f}**"]]
-        out += [_fmt_table(rows, ["phase", "iteration ms", "isolated model ms", "ratio"]), "",
+        out += [md_table(rows, ["phase", "iteration ms", "isolated model ms", "ratio"]), "",
                 f"{it['samples_per_s']:.2f} samples/s; peak memory {res['memory']['peak_train_mb']:.0f} MB ({res['memory']['kind']}); "
                 f"{it['skipped']} skipped steps", ""]
     if res.get("necessary_ratio") is not None:
@@ -470,7 +466,7 @@ def bench_table(res: dict) -> str:
         f = res.get("full_grading")
         if f: rows.append(["teacher grades every visited state", _ms(f["wall_s"]), f"{f['teacher_states']}", f"{f['seconds_per_sample']:.3g}",
                            f"{f['overhead_ratio']:.2f}", f"{f['necessary_ratio']:.2f}"])
-        out += [_fmt_table(rows, ["iteration", "wall ms", "teacher states", "s / sample", "ratio (same work)", "ratio (necessary work)"]), "",
+        out += [md_table(rows, ["iteration", "wall ms", "teacher states", "s / sample", "ratio (same work)", "ratio (necessary work)"]), "",
                 f"necessary work: {_ms(res['necessary_s'])} ms"
                 + (f"; selective grading is {f['selective_speedup']:.2f}× faster per iteration" if f else ""), ""]
     if res.get("grading"):
@@ -479,7 +475,7 @@ def bench_table(res: dict) -> str:
         rows = [[f"batch {g['batch']}", _ms(g.get("batched_s")), _ms(g.get("stepwise_s")), f"{g['speedup']:.2f}×" if "speedup" in g else g.get("skipped", ""),
                  f"{g.get('forwards_batched', '')} vs {g.get('forwards_stepwise', '')}", x(k, "predicted_speedup"), x(k, "max_speedup")]
                 for k, g in res["grading"].items()]
-        out += [_fmt_table(rows, ["teacher grading", "batched ms", "step-by-step ms", "speedup", "forwards", "predicted", "max (any chunk)"]), ""]
+        out += [md_table(rows, ["teacher grading", "batched ms", "step-by-step ms", "speedup", "forwards", "predicted", "max (any chunk)"]), ""]
     if res.get("throughput", {}).get("images"):
         tp = res["throughput"]
         per_image = ", ".join(f"{n}: {m:.1f}" for n, m in zip(tp["images"], tp["ms_per_image"]))
@@ -490,7 +486,7 @@ def bench_table(res: dict) -> str:
             rows = [[k, _ms(v["eager_s"]), _ms(v["compiled_s"]), f"{v['speedup']:.2f}×", f"{v['compile_s']:.1f}"] for k, v in c["calls"].items()]
             if c.get("iteration_s"): rows.append(["iteration", _ms(c.get("eager_iteration_s")), _ms(c["iteration_s"]),
                                                   f"{c['iteration_speedup']:.2f}×" if c.get("iteration_speedup") else "", f"{c['first_iteration_s']:.1f} (first)"])
-            out += [_fmt_table(rows, ["torch.compile (" + c["scope"] + ")", "eager ms", "compiled ms", "speedup", "compile s"]), ""]
+            out += [md_table(rows, ["torch.compile (" + c["scope"] + ")", "eager ms", "compiled ms", "speedup", "compile s"]), ""]
         if c.get("skipped"): out += [f"torch.compile: {c['skipped']}", ""]
     return "\n".join(out).rstrip()
 

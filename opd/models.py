@@ -19,16 +19,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import Config, OpdError
+from .stats import derive_seed
+from .gmm import ExactGMMTeacher, GMMSpec, is_exact_spec, parse_exact_spec
 
 # %% auto #0
 __all__ = ['TINY_TRANSFORMER', 'TINY_VAE', 'TINY_TEXT', 'SD35_MEDIUM', 'SD35_LARGE', 'SD3_VAE', 'WIDE_TEXT', 'ARCHS', 'DTYPES',
            'LORA_TARGETS', 'COMPILE_TARGETS', 'TextEmbeddings', 'Arch', 'check_arch', 'register_arch',
-           'arch_param_counts', 'train_bpe', 'tiny_tokenizer', 'derive_init_seed', 'build_transformer', 'build_vae',
-           'build_text_encoders', 'ModelSpec', 'parse_spec', 'hub_offline', 'FlowModel', 'prune_transformer',
-           'add_lora', 'lora_state_dict', 'latent_space', 'check_compatible', 'TextEncoders', 'random_text_encoders',
-           'pretrained_text_encoders', 'TextCache', 'text_stack', 'text_stack_diff', 'check_sources', 'resolve_device',
-           'ModelPair', 'load_models', 'time_forward', 'compile_unavailable', 'compile_blocks', 'compile_pair',
-           'to_uint8', 'save_png', 'load_student_pipeline']
+           'arch_param_counts', 'train_bpe', 'tiny_tokenizer', 'derive_init_seed', 'seeded', 'build_transformer',
+           'build_vae', 'build_text_encoders', 'ModelSpec', 'parse_spec', 'hub_offline', 'FlowModel',
+           'prune_transformer', 'add_lora', 'lora_state_dict', 'latent_space', 'check_compatible', 'TextEncoders',
+           'random_text_encoders', 'pretrained_text_encoders', 'TextCache', 'text_stack', 'text_stack_diff',
+           'check_sources', 'resolve_device', 'ModelPair', 'load_models', 'build_exact_pair', 'time_forward',
+           'compile_unavailable', 'compile_blocks', 'compile_pair', 'to_uint8', 'save_png', 'load_student_pipeline']
 
 # %% ../nbs/02_models.ipynb #4d4f95d5
 import diffusers, transformers
@@ -123,6 +125,8 @@ ARCHS: dict[str, Arch] = {
     "tiny-student": Arch(TINY_TRANSFORMER | dict(num_layers=2), TINY_VAE, TINY_TEXT, desc="tiny student: 2 blocks"),
     "sd35-medium": Arch(SD35_MEDIUM, SD3_VAE, WIDE_TEXT, desc="SD3.5 Medium shapes, random init"),
     "sd35-large": Arch(SD35_LARGE, SD3_VAE, WIDE_TEXT, desc="SD3.5 Large shapes, random init"),
+    "tiny-exact-student": Arch(TINY_TRANSFORMER | dict(num_layers=2, attention_head_dim=32, caption_projection_dim=128), TINY_VAE, TINY_TEXT,
+                               desc="tiny student for the exact teacher: 2 blocks, inner width 128"),
 }
 
 # %% ../nbs/02_models.ipynb #a0f63499
@@ -213,9 +217,9 @@ _DTYPE_KW = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtyp
 
 def derive_init_seed(*parts) -> int:
     "A 31-bit seed from any parts (run seed, role, arch)."
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") >> 1
+    return derive_seed(*parts) % 2**31   # the low 31 bits of `derive_seed`: the same numbers as the 4-byte hash it replaced
 
-class _seeded:
+class seeded:
     "Fork torch's RNG (CPU and the target CUDA device), seed it, and set a default dtype/device for module construction."
     def __init__(self, seed: int, device="cpu", dtype=torch.float32):
         self.seed, self.device, self.dtype = seed, torch.device(device), dtype
@@ -228,12 +232,14 @@ class _seeded:
     def __exit__(self, *exc):
         self._dev.__exit__(*exc); torch.set_default_dtype(self._dt); self._fork.__exit__(*exc)
 
+_seeded = seeded   # deprecated: the old private name
+
 def build_transformer(config: dict, seed: int, device="cpu", dtype=torch.float32) -> SD3Transformer2DModel:
     "A random-init SD3 transformer, built on `device` in `dtype` (buffers stay float32)."
-    with _seeded(seed, device, dtype): return SD3Transformer2DModel(**config)
+    with seeded(seed, device, dtype): return SD3Transformer2DModel(**config)
 
 def build_vae(config: dict, seed: int, device="cpu", dtype=torch.float32) -> AutoencoderKL:
-    with _seeded(seed, device, dtype): return AutoencoderKL(**config)
+    with seeded(seed, device, dtype): return AutoencoderKL(**config)
 
 def build_text_encoders(arch: Arch, seed: int, device="cpu", dtype=torch.float32):
     "The two random CLIP encoders of `arch` and their (shared) tokenizer."
@@ -242,7 +248,7 @@ def build_text_encoders(arch: Arch, seed: int, device="cpu", dtype=torch.float32
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     encs = []
     for i, c in enumerate(arch.text):
-        with _seeded(derive_init_seed(seed, "text", i), device, dtype):
+        with seeded(derive_init_seed(seed, "text", i), device, dtype):
             encs.append(CLIPTextModelWithProjection(CLIPTextConfig(**ids, **c)))
     return encs, tok
 
@@ -268,8 +274,6 @@ def parse_spec(spec: str, field: str = "model.teacher") -> ModelSpec:
         return ModelSpec("exact", s.split(":", 1)[1], s)
     if s.startswith("random:"):
         arch = s.split(":", 1)[1]
-        if arch not in ARCHS:
-            import opd.exact  # noqa: F401 — registers the exact-teacher testbed's student architecture
         if arch not in ARCHS: raise OpdError(field, s, ", ".join(f"random:{a}" for a in ARCHS))
         return ModelSpec("random", arch, s)
     if s.startswith("prune:"):
@@ -758,7 +762,6 @@ def load_models(cfg: Config, device=None, cache_dir=None) -> ModelPair:
     "Build the `ModelPair` that `cfg.model` describes."
     m = cfg.model
     if str(m.teacher).strip().startswith("exact:"):          # the closed-form Gaussian-mixture teacher (09_exact_teacher)
-        from opd.exact import build_exact_pair
         return build_exact_pair(cfg, device=device, cache_dir=cache_dir)
     dev = resolve_device(device if device is not None else m.device)
     dtype = DTYPES[m.dtype]
@@ -782,7 +785,7 @@ def load_models(cfg: Config, device=None, cache_dir=None) -> ModelPair:
     check_compatible(latent_space(teacher_tr.config, teacher_src.vae.config), s_space, m.student)
     student_tr.requires_grad_(True)
     if lora:   # the adapters' random init from its own seed: the same student whoever calls, whatever the global RNG
-        with _seeded(derive_init_seed(cfg.seed, "lora"), dev, torch.float32): add_lora(student_tr, m.lora_rank, m.lora_alpha, m.lora_targets)
+        with seeded(derive_init_seed(cfg.seed, "lora"), dev, torch.float32): add_lora(student_tr, m.lora_rank, m.lora_alpha, m.lora_targets)
     if m.gradient_checkpointing: student_tr.enable_gradient_checkpointing()
     student_tr.train()
     teacher_src.vae.eval().requires_grad_(False)
@@ -802,6 +805,19 @@ def _check_resolution(pair: ModelPair):
         if res % (f * c.patch_size) or side // c.patch_size > (c.pos_embed_max_size or 10**9):
             hi = (c.pos_embed_max_size or 0) * c.patch_size * f
             raise OpdError("model.resolution", res, f"a multiple of {f * c.patch_size} up to {hi} px for the {name} ({getattr(pair, name).name})")
+
+# %% ../nbs/02_models.ipynb #18e4302e
+def build_exact_pair(cfg: Config, device=None, cache_dir=None, spec: Optional[GMMSpec] = None, base: str = "random:tiny"):
+    "A `ModelPair` from `cfg` whose teacher is the exact GMM (`cfg.model.teacher = exact:gmm…`, or `spec`)."
+    m = cfg.model
+    if str(m.student).startswith("prune:"):
+        raise OpdError("model.student", m.student, msg=f"model.student={m.student!r} cannot prune an exact teacher; allowed: random:<arch>, a hub id or a local folder")
+    gspec = spec or parse_exact_spec(m.teacher if is_exact_spec(m.teacher) else "exact:gmm")
+    base_cfg = cfg.model_copy(update={"model": m.model_copy(update={"teacher": base})})
+    pair = load_models(base_cfg, device=device, cache_dir=cache_dir)
+    pair.teacher = ExactGMMTeacher(replace(gspec, latent_shape=tuple(pair.latent_shape)), device=pair.device)
+    pair.cfg = cfg
+    return pair
 
 # %% ../nbs/02_models.ipynb #f550d7b8
 def time_forward(model: FlowModel, emb: TextEmbeddings, batch: int, latent_shape, reps: int = 5, grad: bool = False,

@@ -45,7 +45,7 @@ def _text_cache(cfg, run_dir, ctx):
     ctx["log"](f"text cache: {n} prompts encoded, encoders freed")
 
 def _teacher_dataset(cfg, run_dir, ctx):
-    from opd.rollout import build_teacher_dataset
+    from opd.teacher_dataset import build_teacher_dataset
     recs = [r for r in _records(cfg, run_dir, ctx) if r.get("split") in ("val", "heldout")]
     build_teacher_dataset(_pair(cfg, run_dir, ctx), cfg, run_dir, recs, "none", batch_size=max(8, cfg.train.batch_size))
 
@@ -168,7 +168,7 @@ def headline(run_dir: Path) -> dict:
     return out
 
 # %% ../nbs/10_pipeline.ipynb #55f87bd4
-NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "02_models", "teacher_dataset": "03_rollout", "distill": "05_train",
+NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "02_models", "teacher_dataset": "20_teacher_dataset", "distill": "05_train",
                  "eval": "06_eval", "grids": "07_compare", "survey": "08_qualtrics"}
 
 def nbs_dir() -> Path:
