@@ -27,7 +27,7 @@ from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, images_per_sta
 from .stats import CI, bootstrap_ci, derive_seed, md_table, paired_delta_ci
 from .models import save_png, to_uint8
 from .models import hub_offline
-from .losses import final_latent_mse, per_step_kl
+from .losses import final_latent_mse, per_sample_mse, per_step_kl
 from .train import monitor_batch, monitor_records
 
 # %% auto #0
@@ -47,7 +47,7 @@ from .metrics import (GAP_COLUMNS, METRIC_INFO, gap_cell, gap_closed, gap_headli
 # %% ../nbs/06_eval.ipynb #1896ca01
 def image_mse(a: Tensor, b: Tensor) -> Tensor:
     "Per-sample mean squared difference of two image batches (B, 3, H, W) in [0, 1]."
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return per_sample_mse(a, b)
 
 def from_uint8(images: Tensor) -> Tensor:
     "(B, H, W, 3) uint8 → (B, 3, H, W) float32 in [0, 1]."

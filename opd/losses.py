@@ -18,7 +18,8 @@ from .rollout import TrajectoryBatch, sde_step, sde_std
 
 # %% auto #0
 __all__ = ['kl_weight', 'kl_weight_closed_form', 'gaussian_kl', 'per_step_kl', 'step_weights', 'step_weight_closed_form',
-           'velocity_mse', 'eps_mse', 'final_latent_mse', 'loss_weights', 'LossBreakdown', 'RewardComputer']
+           'per_sample_mse', 'velocity_mse', 'eps_mse', 'final_latent_mse', 'loss_weights', 'LossBreakdown',
+           'RewardComputer']
 
 # %% ../nbs/04_losses.ipynb #eca3e22b
 def gaussian_kl(mean_s: Tensor, mean_t: Tensor, std) -> Tensor:
@@ -49,9 +50,13 @@ def step_weight_closed_form(sigma: float, sigma_next: float, a: float) -> float:
 kl_weight, kl_weight_closed_form = step_weights, step_weight_closed_form   # deprecated names (`kl_weight` clashed with `distill.kl_weight`)
 
 # %% ../nbs/04_losses.ipynb #0b6298b9
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    "Per-sample mean squared difference of two batches (B, …): the one body of every MSE below."
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
 def velocity_mse(v_s: Tensor, v_t: Tensor) -> Tensor:
     "Per-sample mean of (v_S − v_T)²."
-    return (v_s.float() - v_t.float()).pow(2).flatten(1).mean(1)
+    return per_sample_mse(v_s, v_t)
 
 def eps_mse(v_s: Tensor, v_t: Tensor, sigma) -> Tensor:
     "Per-sample mean of ((1 − σ)(v_S − v_T))² = ‖ε̂_S − ε̂_T‖² per dim."
@@ -60,7 +65,7 @@ def eps_mse(v_s: Tensor, v_t: Tensor, sigma) -> Tensor:
 
 def final_latent_mse(a: Tensor, b: Tensor) -> Tensor:
     "Per-sample mean squared difference of two batches of final latents."
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return per_sample_mse(a, b)
 
 # %% ../nbs/04_losses.ipynb #eff5fde3
 def loss_weights(cfg: DistillConfig, step: int) -> dict:

@@ -185,13 +185,13 @@ def _atomic_dir(final: Path, build) -> Path:
 
 def _tiny_clip_folder(tmp: Path, projection_dim: int, seed: int):
     from transformers import CLIPConfig, CLIPModel, CLIPImageProcessor, CLIPProcessor
-    from opd.models import tiny_tokenizer
+    from opd.models import quiet_saving, tiny_tokenizer
     tok = tiny_tokenizer()
     ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(CLIPConfig(text_config=dict(_TINY_CLIP_TEXT, **ids), vision_config=_TINY_CLIP_VISION, projection_dim=projection_dim))
-    model.save_pretrained(tmp)
+    with quiet_saving(): model.save_pretrained(tmp)
     CLIPProcessor(image_processor=CLIPImageProcessor(**_CLIP_PROC), tokenizer=tok).save_pretrained(tmp)
 
 def make_stand_in(key: str, cache_dir=None) -> Path:

@@ -7,6 +7,7 @@ Docs: https://opd-dev.github.io/opd/models.html.md"""
 # %% ../nbs/02_models.ipynb #17fea832
 from __future__ import annotations
 import copy, gc, hashlib, json, os, re, shutil, socket, sys, time, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from collections import Counter
 from functools import lru_cache
@@ -15,6 +16,7 @@ from typing import Callable, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -30,7 +32,8 @@ __all__ = ['TINY_TRANSFORMER', 'TINY_VAE', 'TINY_TEXT', 'SD35_MEDIUM', 'SD35_LAR
            'prune_transformer', 'add_lora', 'lora_state_dict', 'latent_space', 'check_compatible', 'TextEncoders',
            'random_text_encoders', 'pretrained_text_encoders', 'TextCache', 'text_stack', 'text_stack_diff',
            'check_sources', 'resolve_device', 'ModelPair', 'load_models', 'build_exact_pair', 'time_forward',
-           'compile_unavailable', 'compile_blocks', 'compile_pair', 'to_uint8', 'save_png', 'load_student_pipeline']
+           'compile_unavailable', 'compile_blocks', 'compile_pair', 'to_uint8', 'save_png', 'quiet_saving',
+           'load_student_pipeline']
 
 # %% ../nbs/02_models.ipynb #4d4f95d5
 import diffusers, transformers
@@ -892,6 +895,18 @@ def save_png(image: Tensor, path, compress_level: int = 6) -> Path:
 _STUDENT_META = "opd_student.json"
 _TEXT_KEYS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
+@contextmanager
+def quiet_saving():
+    "Silence what `save_pretrained` prints: diffusers' warnings (e.g. \"text_encoder_3=None cannot be saved\": no T5) and transformers' \"Writing model shards\" bars."
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    level, bars = dlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error(); tlog.disable_progress_bar()
+    try: yield
+    finally:
+        dlog.set_verbosity(level)
+        if bars: tlog.enable_progress_bar()
+
 def _base_transformer_copy(tr: SD3Transformer2DModel) -> SD3Transformer2DModel:
     "The transformer without its LoRA layers (a cheap meta-device rebuild of the base weights)."
     sd = {k.replace(".base_layer.", "."): v for k, v in tr.state_dict().items() if "lora_" not in k}
@@ -899,7 +914,8 @@ def _base_transformer_copy(tr: SD3Transformer2DModel) -> SD3Transformer2DModel:
     base.load_state_dict(sd, assign=True, strict=True)
     return base
 
-def _save(self: ModelPair, path, which: str = "student") -> Path:
+@patch
+def save(self: ModelPair, path, which: str = "student") -> Path:
     "Write `which` as diffusers-loadable files under `path`; see `load_student_pipeline`."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     fm = getattr(self, which)
@@ -914,12 +930,9 @@ def _save(self: ModelPair, path, which: str = "student") -> Path:
         parts = self.text.encoders.loader() if not self.text.encoders.loaded else {k: getattr(self.text.encoders._pipe, k) for k in _TEXT_KEYS}
         base_tr = _base_transformer_copy(tr) if lora else tr
         pipe = StableDiffusion3Pipeline(transformer=base_tr, scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config), vae=self.vae, **parts)
-        from diffusers.utils import logging as dlog
-        level = dlog.get_verbosity(); dlog.set_verbosity_error()      # "text_encoder_3=None cannot be saved" is expected: no T5
-        try: pipe.save_pretrained(path)
-        finally: dlog.set_verbosity(level)
+        with quiet_saving(): pipe.save_pretrained(path)
     elif write_base_tr:
-        (_base_transformer_copy(tr) if lora else tr).save_pretrained(path / "transformer")
+        with quiet_saving(): (_base_transformer_copy(tr) if lora else tr).save_pretrained(path / "transformer")
     if lora:
         cfgd = tr.peft_config["default"].to_dict()
         meta = {k: (list(v) if isinstance(v, (set, tuple)) else v) for k, v in cfgd.items() if k in ("r", "lora_alpha", "target_modules")}
@@ -933,11 +946,10 @@ def _save(self: ModelPair, path, which: str = "student") -> Path:
     (path / _STUDENT_META).write_text(json.dumps(info, indent=2))
     return path
 
-ModelPair.save = _save
-def _save_student(self: ModelPair, path) -> Path:
+@patch
+def save_student(self: ModelPair, path) -> Path:
     "Save the student so `StableDiffusion3Pipeline` can load it (see `load_student_pipeline`)."
     return self.save(path, "student")
-ModelPair.save_student = _save_student
 
 def load_student_pipeline(path, device=None, dtype=None) -> StableDiffusion3Pipeline:
     "A `StableDiffusion3Pipeline` for a folder written by `ModelPair.save_student` (full or LoRA)."

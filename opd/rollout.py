@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -240,7 +241,8 @@ class RolloutEngine:
     means = transition   # deprecated name: it returns the std too
 
 # %% ../nbs/03_rollout.ipynb #4da2a779
-def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None, pairs: Optional[tuple] = None,
+@patch
+def rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None, pairs: Optional[tuple] = None,
              grade_all: bool = True) -> TrajectoryBatch:
     "Roll out `batch` in `mode` (default `distill.mode`); the teacher grades the `pairs` (sample, step) that train, and every other state if `grade_all`."
     mode = mode or self.cfg.mode
@@ -281,15 +283,12 @@ def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None
     return TrajectoryBatch(states=states, sigmas=self.sigmas.clone(), noise=noise, std=std, teacher_v=v_t, teacher_mean=mean_t,
                            student_v=v_s, student_mean=mean_s, batch=batch, noise_level=a, source=mode, graded=graded)
 
-RolloutEngine.rollout = _rollout
-
 # %% ../nbs/03_rollout.ipynb #7d587b12
+@patch
 @torch.no_grad()
-def _sample(self: RolloutEngine, batch: PromptBatch, model: str = "student", noise_level: float = 0.0) -> Tensor:
+def sample(self: RolloutEngine, batch: PromptBatch, model: str = "student", noise_level: float = 0.0) -> Tensor:
     "Final latents (B, C, h, w) of `model`'s sampler from the batch's per-sample initial noise."
     return self.trajectory(batch, model, noise_level)[0][:, -1]
-
-RolloutEngine.sample = _sample
 
 # %% ../nbs/03_rollout.ipynb #c8bed094
 def trained_states(cfg) -> int:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .config import (Config, OpdError, cli_main, config_from_args, config_hash, stored_config_hash, config_parser, load_config,
@@ -223,7 +224,8 @@ class DistillTrainer:
     def student(self): return self.pair.student
 
 # %% ../nbs/05_train.ipynb #9a7f17f4
-def _step(self: DistillTrainer, batch) -> TrainMetrics:
+@patch
+def step(self: DistillTrainer, batch) -> TrainMetrics:
     "Rollout → grading → loss → backward for each micro-batch, then clip and AdamW; returns `TrainMetrics`."
     micro = batch if isinstance(batch, (list, tuple)) else [batch]
     tc, acc, dev = self.cfg.train, self.accel, self.accel.device
@@ -286,8 +288,6 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
                               "the last good checkpoint is kept")
     return m
 
-DistillTrainer.step = _step
-
 # %% ../nbs/05_train.ipynb #50ba78d6
 def monitor_records(records: list[dict], n: int = 8) -> list[dict]:
     "The prompts of the monitoring batch: the first `n` held-out ones, else validation ones (a run without held-out categories), else any."
@@ -300,7 +300,8 @@ def monitor_batch(records: list[dict], encode, seed: int, n: int = 8) -> PromptB
     prompts = [r["prompt"] for r in recs]
     return PromptBatch([r["prompt_id"] for r in recs], prompts, [derive_seed(seed, "heldout", r["prompt_id"]) for r in recs], encode(prompts))
 
-def _heldout_mse(self: DistillTrainer, n: int = 8) -> float:
+@patch
+def heldout_mse(self: DistillTrainer, n: int = 8) -> float:
     if self._eval_batch is None:
         self._eval_batch = monitor_batch(self.records, self.pair.encode, self.cfg.seed, n)
         self._eval_teacher = self.engine.sample(self._eval_batch, "teacher", 0.0)
@@ -311,12 +312,12 @@ def _heldout_mse(self: DistillTrainer, n: int = 8) -> float:
     finally: self.student.transformer = wrapped
     return float(final_latent_mse(s, self._eval_teacher).mean())
 
-DistillTrainer.heldout_mse = _heldout_mse
 
 heldout_records, heldout_batch = monitor_records, monitor_batch   # deprecated names: the batch falls back to validation prompts
 
 # %% ../nbs/05_train.ipynb #1c4b8109
-def _save_checkpoint(self: DistillTrainer) -> Path:
+@patch
+def save_checkpoint(self: DistillTrainer) -> Path:
     acc = self.accel
     root = self.run_dir / "checkpoints"
     final = root / f"step-{self.global_step:06d}"
@@ -337,7 +338,8 @@ def _save_checkpoint(self: DistillTrainer) -> Path:
     acc.wait_for_everyone()
     return final
 
-def _resume(self: DistillTrainer, where="auto") -> Optional[Path]:
+@patch
+def resume(self: DistillTrainer, where="auto") -> Optional[Path]:
     "Restore from `where` (`auto` = newest valid checkpoint of this run, or a checkpoint folder)."
     ck = latest_valid_checkpoint(self.run_dir) if where == "auto" else Path(where)
     if ck is None: return None
@@ -354,10 +356,9 @@ def _resume(self: DistillTrainer, where="auto") -> Optional[Path]:
     if self.accel.is_main_process: self.log.truncate(self.global_step)
     return ck
 
-DistillTrainer.save_checkpoint, DistillTrainer.resume = _save_checkpoint, _resume
-
 # %% ../nbs/05_train.ipynb #9a239eaa
-def _train(self: DistillTrainer) -> dict:
+@patch
+def train(self: DistillTrainer) -> dict:
     "Train to `train.max_steps`; returns a summary dict (also written to `train_summary.json`)."
     tc, acc = self.cfg.train, self.accel
     main = acc.is_main_process
@@ -393,7 +394,8 @@ def _train(self: DistillTrainer) -> dict:
     acc.wait_for_everyone()
     return summary
 
-def _save_student(self: DistillTrainer) -> Path:
+@patch
+def save_student(self: DistillTrainer) -> Path:
     "The final student, diffusers-loadable, with the resolved config and reproducibility keys."
     out = self.run_dir / "student"
     tmp = self.run_dir / "student.tmp"
@@ -404,8 +406,6 @@ def _save_student(self: DistillTrainer) -> Path:
     if out.exists(): shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-DistillTrainer.train, DistillTrainer.save_student = _train, _save_student
 
 # %% ../nbs/05_train.ipynb #95b90946
 def distill(cfg: Config, out=None, resume: str = "auto", progress: bool = True, pair=None) -> dict:
