@@ -168,7 +168,7 @@ def headline(run_dir: Path) -> dict:
     return out
 
 # %% ../nbs/10_pipeline.ipynb #55f87bd4
-NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "02_models", "teacher_dataset": "20_teacher_dataset", "distill": "05_train",
+NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "21_text", "teacher_dataset": "20_teacher_dataset", "distill": "05_train",
                  "eval": "06_eval", "grids": "07_compare", "survey": "08_qualtrics"}
 
 def nbs_dir() -> Path:
