@@ -341,10 +341,21 @@ def _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targ
 
 def _write_json(path: Path, obj): write_atomic(path, json.dumps(obj, indent=2, default=str))
 
-def run_bench(cfg: Config, out=None, iters: int = 5, warmup: int = 2, grading_batches: Sequence[int] = (1, 4), grading_reps: int = 3,
-              compile: bool = False, compile_targets: Sequence[str] = ("teacher", "student"), compile_mode: Optional[str] = None,
-              threads="auto", keep_text_cache: bool = False, progress: bool = True, throughput_max_images: Optional[int] = None,
-              compare_full_grading: bool = True) -> dict:
+def run_bench(cfg: Config, # the configuration whose training iteration is measured
+              out=None, # run directory for bench.json (default: outputs/runs/<run_id>)
+              iters: int = 5, # measured training iterations
+              warmup: int = 2, # unmeasured iterations first
+              grading_batches: Sequence[int] = (1, 4), # batch sizes of the batched-vs-stepwise grading bench
+              grading_reps: int = 3, # repetitions of each timed call
+              compile: bool = False, # also time torch.compile of `compile_targets` (minutes on a GPU)
+              compile_targets: Sequence[str] = ("teacher", "student"), # which models' blocks to compile
+              compile_mode: Optional[str] = None, # torch.compile mode (default: its own)
+              threads="auto", # CPU threads: auto, or a number
+              keep_text_cache: bool = False, # keep the run's text cache (default: the bench leaves none behind)
+              progress: bool = True, # tqdm bars
+              throughput_max_images: Optional[int] = None, # largest teacher batch of the throughput curve (default 64 on a GPU, 32 on a CPU)
+              compare_full_grading: bool = True, # also measure iterations that grade every visited state
+             ) -> dict:
     "Benchmark one configuration's training iteration; writes and returns `bench.json`'s content."
     _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targets)
     from opd.models import resolve_device

@@ -707,7 +707,12 @@ def _takes_latest(base: Path, ck: Checkpoint) -> bool:
     cur = (base / LATEST).read_text().strip() if (base / LATEST).is_file() else ""
     return ck.kind == "student" or not cur.startswith("final-")
 
-def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None) -> dict:
+def evaluate(cfg: Config, # the run's resolved config (its eval group says what to measure)
+             ckpt, # a finished run directory (with student/) or a checkpoint folder checkpoints/step-N
+             out=None, # where eval/<eval_key>/ goes (default: the checkpoint's run directory)
+             progress: bool = True, # tqdm bars
+             device=None, # default `model.device`
+            ) -> dict:
     "Evaluate teacher / student-before / student-after; write the report into `<out or run_dir>/eval/<eval_key>/`; return paths and numbers."
     from opd.models import load_models, resolve_device
     ck = resolve_ckpt(ckpt)

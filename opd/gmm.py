@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import Tensor
 
 from .config import OpdError
@@ -208,83 +209,96 @@ class ExactGMMTeacher:
         return self
     def __repr__(self): s = self.spec; return f"ExactGMMTeacher({s.J} components, shape={s.latent_shape}, c={s.std})"
 
-    # -- the data distribution
-    def category(self, prompt: str) -> Optional[str]:
-        return self.prompt_categories.get(prompt) or category_of(prompt, self.spec.categories)
+# %% ../nbs/19_gmm.ipynb #b1439df5
+@patch
+def category(self: ExactGMMTeacher, prompt: str) -> Optional[str]:
+    return self.prompt_categories.get(prompt) or category_of(prompt, self.spec.categories)
 
-    def weights_of(self, prompt: str) -> Tensor:
-        "The prompt's mixture weights over all J components (J,) float64; zero outside its category."
-        s, M = self.spec, self.spec.modes_per_category
-        cat = self.category(prompt)
-        w = torch.zeros(s.J, dtype=torch.float64)
-        cats = [cat] if cat is not None else list(s.categories)
-        for c in cats:
-            base = _rng(s.seed, "base-weights", c).normal(size=M) * 0.5
-            words = prompt_words(prompt) if cat is not None else []
-            if words: base = base + s.word_strength * sum(_rng(s.seed, "word", t).normal(size=M) for t in words) / math.sqrt(len(words))
-            e = np.exp(base - base.max())
-            k = self.cat_index[c]
-            w[k * M:(k + 1) * M] = torch.from_numpy((1 - s.floor) * e / e.sum() + s.floor / M) / len(cats)
-        return w
+@patch
+def weights_of(self: ExactGMMTeacher, prompt: str) -> Tensor:
+    "The prompt's mixture weights over all J components (J,) float64; zero outside its category."
+    s, M = self.spec, self.spec.modes_per_category
+    cat = self.category(prompt)
+    w = torch.zeros(s.J, dtype=torch.float64)
+    cats = [cat] if cat is not None else list(s.categories)
+    for c in cats:
+        base = _rng(s.seed, "base-weights", c).normal(size=M) * 0.5
+        words = prompt_words(prompt) if cat is not None else []
+        if words: base = base + s.word_strength * sum(_rng(s.seed, "word", t).normal(size=M) for t in words) / math.sqrt(len(words))
+        e = np.exp(base - base.max())
+        k = self.cat_index[c]
+        w[k * M:(k + 1) * M] = torch.from_numpy((1 - s.floor) * e / e.sum() + s.floor / M) / len(cats)
+    return w
 
-    def log_weights(self, prompts: Sequence[str]) -> Tensor:
-        "(B, J) float64 log-weights (−inf outside each prompt's category), cached per prompt."
-        for p in prompts:
-            if p not in self._logw: self._logw[p] = self.weights_of(p).log().to(self.device)
-        return torch.stack([self._logw[p] for p in prompts])
+@patch
+def log_weights(self: ExactGMMTeacher, prompts: Sequence[str]) -> Tensor:
+    "(B, J) float64 log-weights (−inf outside each prompt's category), cached per prompt."
+    for p in prompts:
+        if p not in self._logw: self._logw[p] = self.weights_of(p).log().to(self.device)
+    return torch.stack([self._logw[p] for p in prompts])
 
-    def _sig(self, sigma, B: int) -> Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=self.device).reshape(-1)
-        return s.expand(B) if s.numel() == 1 else s
+# %% ../nbs/19_gmm.ipynb #8266b3ae
+@patch
+def _sig(self: ExactGMMTeacher, sigma, B: int) -> Tensor:
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=self.device).reshape(-1)
+    return s.expand(B) if s.numel() == 1 else s
 
-    def responsibilities(self, x: Tensor, sigma, prompts: Sequence[str]) -> Tensor:
-        "ρ_j(x) at noise level σ: (B, J) float64 posterior over components."
-        xf = x.to(self.device, torch.float64).flatten(1)
-        a = 1 - self._sig(sigma, len(xf))[:, None]
-        V = a ** 2 * self.spec.std ** 2 + (1 - a) ** 2
-        logits = self.log_weights(prompts) + (a * (xf @ self.means.T) - 0.5 * a ** 2 * self.sq) / V
-        return torch.softmax(logits, dim=1)
+@patch
+def responsibilities(self: ExactGMMTeacher, x: Tensor, sigma, prompts: Sequence[str]) -> Tensor:
+    "ρ_j(x) at noise level σ: (B, J) float64 posterior over components."
+    xf = x.to(self.device, torch.float64).flatten(1)
+    a = 1 - self._sig(sigma, len(xf))[:, None]
+    V = a ** 2 * self.spec.std ** 2 + (1 - a) ** 2
+    logits = self.log_weights(prompts) + (a * (xf @ self.means.T) - 0.5 * a ** 2 * self.sq) / V
+    return torch.softmax(logits, dim=1)
 
-    def _v(self, x: Tensor, sigma, prompts) -> Tensor:
-        xf = x.to(self.device, torch.float64).flatten(1)
-        s = self._sig(sigma, len(xf))[:, None]
-        c2 = self.spec.std ** 2
-        V = (1 - s) ** 2 * c2 + s ** 2
-        mbar = self.responsibilities(x, s[:, 0], prompts) @ self.means
-        return (((s - (1 - s) * c2) * xf - s * mbar) / V).reshape(x.shape)
+@patch
+def _v(self: ExactGMMTeacher, x: Tensor, sigma, prompts) -> Tensor:
+    xf = x.to(self.device, torch.float64).flatten(1)
+    s = self._sig(sigma, len(xf))[:, None]
+    c2 = self.spec.std ** 2
+    V = (1 - s) ** 2 * c2 + s ** 2
+    mbar = self.responsibilities(x, s[:, 0], prompts) @ self.means
+    return (((s - (1 - s) * c2) * xf - s * mbar) / V).reshape(x.shape)
 
-    def velocity(self, x: Tensor, sigma, emb, neg=None, guidance: float = 1.0) -> Tensor:
-        "v = E[ε − x₀ | x_σ] for each sample's prompt; CFG against the unconditional mixture when guidance != 1."
-        prompts = prompts_of(emb)
-        if len(prompts) != len(x): raise OpdError("emb", len(prompts), msg=f"{len(prompts)} prompts for a batch of {len(x)} latents")
-        v = self._v(x, sigma, prompts)
-        if guidance != 1:
-            nprompts = prompts_of(neg) if neg is not None else [""]
-            if len(nprompts) == 1: nprompts = nprompts * len(x)
-            v_u = self._v(x, sigma, nprompts)
-            v = v_u + guidance * (v - v_u)
-        return v.to(device=x.device, dtype=x.dtype)
+@patch
+def velocity(self: ExactGMMTeacher, x: Tensor, sigma, emb, neg=None, guidance: float = 1.0) -> Tensor:
+    "v = E[ε − x₀ | x_σ] for each sample's prompt; CFG against the unconditional mixture when guidance != 1."
+    prompts = prompts_of(emb)
+    if len(prompts) != len(x): raise OpdError("emb", len(prompts), msg=f"{len(prompts)} prompts for a batch of {len(x)} latents")
+    v = self._v(x, sigma, prompts)
+    if guidance != 1:
+        nprompts = prompts_of(neg) if neg is not None else [""]
+        if len(nprompts) == 1: nprompts = nprompts * len(x)
+        v_u = self._v(x, sigma, nprompts)
+        v = v_u + guidance * (v - v_u)
+    return v.to(device=x.device, dtype=x.dtype)
 
-    __call__ = velocity
+@patch
+def __call__(self: ExactGMMTeacher, x: Tensor, sigma, emb, neg=None, guidance: float = 1.0) -> Tensor: return self.velocity(x, sigma, emb, neg, guidance)
 
-    def log_prob(self, x0: Tensor, prompts: Sequence[str]) -> Tensor:
-        "log p(x₀ | prompt) under the true mixture, nats per sample (B,) float64."
-        xf = x0.to(self.device, torch.float64).flatten(1)
-        c2, D = self.spec.std ** 2, xf.shape[1]
-        d2 = (xf.pow(2).sum(1, keepdim=True) - 2 * xf @ self.means.T + self.sq).clamp_min(0)
-        return torch.logsumexp(self.log_weights(prompts) - d2 / (2 * c2), 1) - 0.5 * D * math.log(2 * math.pi * c2)
+# %% ../nbs/19_gmm.ipynb #ef48ac83
+@patch
+def log_prob(self: ExactGMMTeacher, x0: Tensor, prompts: Sequence[str]) -> Tensor:
+    "log p(x₀ | prompt) under the true mixture, nats per sample (B,) float64."
+    xf = x0.to(self.device, torch.float64).flatten(1)
+    c2, D = self.spec.std ** 2, xf.shape[1]
+    d2 = (xf.pow(2).sum(1, keepdim=True) - 2 * xf @ self.means.T + self.sq).clamp_min(0)
+    return torch.logsumexp(self.log_weights(prompts) - d2 / (2 * c2), 1) - 0.5 * D * math.log(2 * math.pi * c2)
 
-    def assign(self, x0: Tensor, prompts: Sequence[str]) -> Tensor:
-        "The component each sample belongs to: max responsibility at σ = 0 (B,) long."
-        return self.responsibilities(x0, 0.0, prompts).argmax(1).cpu()
+@patch
+def assign(self: ExactGMMTeacher, x0: Tensor, prompts: Sequence[str]) -> Tensor:
+    "The component each sample belongs to: max responsibility at σ = 0 (B,) long."
+    return self.responsibilities(x0, 0.0, prompts).argmax(1).cpu()
 
-    def sample(self, prompts: Sequence[str], generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        "Exact samples from the mixture: (x₀ (B, C, h, w) in `dtype`, component indices (B,))."
-        w = self.log_weights(prompts).exp().cpu()
-        comp = torch.multinomial(w, 1, generator=generator)[:, 0]
-        z = torch.randn(len(prompts), self.means.shape[1], generator=generator, dtype=torch.float64)
-        x0 = self.means.cpu()[comp] + self.spec.std * z
-        return x0.reshape(-1, *self.spec.latent_shape).to(self.device, self.dtype), comp
+@patch
+def sample(self: ExactGMMTeacher, prompts: Sequence[str], generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    "Exact samples from the mixture: (x₀ (B, C, h, w) in `dtype`, component indices (B,))."
+    w = self.log_weights(prompts).exp().cpu()
+    comp = torch.multinomial(w, 1, generator=generator)[:, 0]
+    z = torch.randn(len(prompts), self.means.shape[1], generator=generator, dtype=torch.float64)
+    x0 = self.means.cpu()[comp] + self.spec.std * z
+    return x0.reshape(-1, *self.spec.latent_shape).to(self.device, self.dtype), comp
 
 # %% ../nbs/19_gmm.ipynb #0541a64c
 def mc_velocity(teacher: ExactGMMTeacher, x: Tensor, sigma: float, prompt: str, n: int = 200_000, seed: int = 0) -> tuple[Tensor, float]:

@@ -543,7 +543,10 @@ class ModelPair:
                 f"shift={self.scheduler.config.shift}, text_encoders_loaded={self.text.encoders.loaded})")
 
 # %% ../nbs/02_models.ipynb #9d0b42f6
-def load_models(cfg: Config, device=None, cache_dir=None) -> ModelPair:
+def load_models(cfg: Config, # its `model` group names the teacher and student specs, dtype, LoRA, resolution
+                device=None, # default `model.device`
+                cache_dir=None, # the text cache's folder (default: in memory only)
+               ) -> ModelPair:
     "Build the `ModelPair` that `cfg.model` describes."
     m = cfg.model
     if str(m.teacher).strip().startswith("exact:"):          # the closed-form Gaussian-mixture teacher (09_exact_teacher)

@@ -239,8 +239,14 @@ def _eval_prompts(records: list, per_category: int) -> list[str]:
         by.setdefault(r.get("category"), []).append(r["prompt"])
     return [p for ps in by.values() for p in ps[:per_category]]
 
-def run_ablation(cfg: Config, run_dir, arms: Optional[dict] = None, seeds: Optional[Sequence[int]] = None,
-                 progress: bool = True, log=print, min_expected: float = 10.0) -> pd.DataFrame:
+def run_ablation(cfg: Config, # the study's config: `ablation` group, `train.max_steps`, the exact or random teacher
+                 run_dir, # the run directory: results go to run_dir/ablation/
+                 arms: Optional[dict] = None, # arm name → dotted config updates (default: one arm per `ablation.arms` mode)
+                 seeds: Optional[Sequence[int]] = None, # default range(ablation.seeds)
+                 progress: bool = True, # tqdm bar
+                 log=print, # where progress lines go
+                 min_expected: float = 10.0, # a mode is judged (dropped or not) only if its expected sample count reaches this
+                ) -> pd.DataFrame:
     "Train one student per arm and seed for `train.max_steps`, measuring it every `ablation.eval_every` steps; writes `run_dir/ablation/`."
     from tqdm.auto import tqdm
     from opd.exact import ExactGMMTeacher, exact_metrics, make_eval_set, reference_metrics
