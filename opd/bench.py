@@ -341,6 +341,77 @@ def _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targ
 
 def _write_json(path: Path, obj): write_atomic(path, json.dumps(obj, indent=2, default=str))
 
+# %% ../nbs/11_bench.ipynb #eccdd60b
+def _bench_iteration(trainer, cfg: Config, res: dict, path: Path, iters: int, warmup: int, progress: bool) -> dict:
+    "The training iteration against its phases' isolated model time (and the necessary work); fills `res`, returns the iteration's times."
+    dev = trainer.accel.device
+    m = measure_iterations(trainer, iters, warmup, progress)
+    it, pure, ga = m["iteration"], m["pure"], cfg.train.grad_accum
+    ov = overhead(it, pure, ga)
+    samples = cfg.train.batch_size * ga
+    res["iteration"] = dict(wall_s=it["wall"], t_rollout=it["rollout"], t_grading=it["grading"], t_backward=it["backward"],
+                            t_optimizer=it["optimizer"], t_other=it["other"], samples_per_s=samples / it["wall"],
+                            skipped=m["skipped"], wall_s_all=[s["wall"] for s in m["steps"]], loss_last=m["steps"][-1]["loss"])
+    res["pure"] = dict(rollout_s=pure["rollout"], grading_s=pure["grading"], backward_s=pure["backward"], optimizer_s=pure["optimizer"],
+                       total_s=ov["pure_total"])
+    res["overhead_ratio"] = ov["ratio"]
+    res["overhead"] = ov["per_phase"]
+    res["memory"] |= dict(kind=memory_mb(dev)["kind"], peak_train_mb=m["peak_train_mb"], peak_pure_mb=m["peak_pure_mb"])
+    res["peak_mem_mb"] = m["peak_train_mb"]
+    res["iteration"] |= dict(teacher_states=it["teacher_states"], student_train_states=it["student_train_states"])
+    on_policy = cfg.distill.mode == "on_policy"
+    res["necessary_s"] = m["necessary_s"]
+    res["necessary_ratio"] = it["wall"] / m["necessary_s"] if on_policy else None
+    res["seconds_per_sample"] = it["wall"] / samples
+    _write_json(path, res)
+    return it
+
+def _bench_full_grading(trainer, cfg: Config, res: dict, path: Path, it: dict, iters: int, warmup: int, progress: bool):
+    "The same iterations grading every visited state: what selective grading saves, and the configured mix's time per sample."
+    ga = cfg.train.grad_accum; samples = cfg.train.batch_size * ga
+    f = measure_iterations(trainer, iters, min(warmup, 1), progress, full_grading=True)
+    fi = f["iteration"]
+    fge = cfg.train.full_grading_every
+    res["full_grading"] = dict(wall_s=fi["wall"], t_grading=fi["grading"], teacher_states=fi["teacher_states"],
+                               seconds_per_sample=fi["wall"] / samples, overhead_ratio=overhead(fi, f["pure"], ga)["ratio"],
+                               necessary_s=f["necessary_s"], necessary_ratio=fi["wall"] / f["necessary_s"],
+                               selective_speedup=fi["wall"] / it["wall"],
+                               configured_wall_s=it["wall"] + ((fi["wall"] - it["wall"]) / fge if fge else 0.0))
+    res["full_grading"]["configured_seconds_per_sample"] = res["full_grading"]["configured_wall_s"] / samples   # the planner's number
+    _write_json(path, res)
+
+# %% ../nbs/11_bench.ipynb #c202926e
+def _bench_grading(trainer, cfg: Config, res: dict, path: Path, grading_batches: Sequence[int], grading_reps: int,
+                   throughput_max_images: Optional[int], progress: bool):
+    "Batched against step-by-step teacher grading per batch size, the teacher's throughput curve, and the speedup it allows."
+    dev = trainer.accel.device
+    res["grading"] = {}
+    for b in tqdm(grading_batches, desc="grading bench", disable=not progress, leave=False):
+        reset_peak(dev)
+        try: res["grading"][f"b{b}"] = grading_speedup(trainer, b, grading_reps)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache(); res["grading"][f"b{b}"] = dict(batch=b, skipped="out of GPU memory")
+        _write_json(path, res)
+    nmax = throughput_max_images if throughput_max_images is not None else (64 if dev.type == "cuda" else 32)
+    if grading_batches and nmax > 0:
+        res["throughput"] = teacher_throughput(trainer, nmax, grading_reps)
+        d = cfg.distill
+        res["grading_ceiling"] = {f"b{b}": grading_ceiling(res["throughput"], b, trainer.engine.K, d.grade_chunk, d.teacher_guidance) for b in grading_batches}
+        _write_json(path, res)
+
+def _bench_compile(trainer, cfg: Config, res: dict, path: Path, compile: bool, compile_targets: Sequence[str], grading_reps: int,
+                   iters: int, it: dict, compile_mode: Optional[str], progress: bool):
+    "torch.compile of the models' blocks when asked (partial results survive a time limit), else why not."
+    if compile:
+        res["compile"] = dict(skipped="running (a time limit stopped the bench while compiling)"); _write_json(path, res)
+        trainer.opt.zero_grad(set_to_none=True)
+        def partial(c): res["compile"] = c | dict(skipped="partial: a time limit stopped the bench while compiling"); _write_json(path, res)
+        res["compile"] = compile_bench(trainer, compile_targets, grading_reps, max(1, min(iters, 3)), it["wall"], compile_mode, progress, partial)
+    else:
+        res["compile"] = dict(skipped=f"train.compile={cfg.train.compile}: the iteration above ran with compiled blocks" if cfg.train.compile != "none"
+                              else "not requested (pass --compile; it costs minutes on a GPU)")
+
+# %% ../nbs/11_bench.ipynb #dab8ff13
 def run_bench(cfg: Config, # the configuration whose training iteration is measured
               out=None, # run directory for bench.json (default: outputs/runs/<run_id>)
               iters: int = 5, # measured training iterations
@@ -376,57 +447,10 @@ def run_bench(cfg: Config, # the configuration whose training iteration is measu
                    build_s=time.perf_counter() - t_start, memory=dict(after_build=memory_mb(dev)), targets=TARGETS[dev.type if dev.type in TARGETS else "cpu"],
                    bench=dict(iters=iters, warmup=warmup, grading_reps=grading_reps))
         _write_json(path, res)
-        m = measure_iterations(trainer, iters, warmup, progress)
-        it, pure, ga = m["iteration"], m["pure"], cfg.train.grad_accum
-        ov = overhead(it, pure, ga)
-        samples = cfg.train.batch_size * ga
-        res["iteration"] = dict(wall_s=it["wall"], t_rollout=it["rollout"], t_grading=it["grading"], t_backward=it["backward"],
-                                t_optimizer=it["optimizer"], t_other=it["other"], samples_per_s=samples / it["wall"],
-                                skipped=m["skipped"], wall_s_all=[s["wall"] for s in m["steps"]], loss_last=m["steps"][-1]["loss"])
-        res["pure"] = dict(rollout_s=pure["rollout"], grading_s=pure["grading"], backward_s=pure["backward"], optimizer_s=pure["optimizer"],
-                           total_s=ov["pure_total"])
-        res["overhead_ratio"] = ov["ratio"]
-        res["overhead"] = ov["per_phase"]
-        res["memory"] |= dict(kind=memory_mb(dev)["kind"], peak_train_mb=m["peak_train_mb"], peak_pure_mb=m["peak_pure_mb"])
-        res["peak_mem_mb"] = m["peak_train_mb"]
-        res["iteration"] |= dict(teacher_states=it["teacher_states"], student_train_states=it["student_train_states"])
-        on_policy = cfg.distill.mode == "on_policy"
-        res["necessary_s"] = m["necessary_s"]
-        res["necessary_ratio"] = it["wall"] / m["necessary_s"] if on_policy else None
-        res["seconds_per_sample"] = it["wall"] / samples
-        _write_json(path, res)
-        if compare_full_grading and on_policy:
-            f = measure_iterations(trainer, iters, min(warmup, 1), progress, full_grading=True)
-            fi = f["iteration"]
-            fge = cfg.train.full_grading_every
-            res["full_grading"] = dict(wall_s=fi["wall"], t_grading=fi["grading"], teacher_states=fi["teacher_states"],
-                                       seconds_per_sample=fi["wall"] / samples, overhead_ratio=overhead(fi, f["pure"], ga)["ratio"],
-                                       necessary_s=f["necessary_s"], necessary_ratio=fi["wall"] / f["necessary_s"],
-                                       selective_speedup=fi["wall"] / it["wall"],
-                                       configured_wall_s=it["wall"] + ((fi["wall"] - it["wall"]) / fge if fge else 0.0))
-            res["full_grading"]["configured_seconds_per_sample"] = res["full_grading"]["configured_wall_s"] / samples   # the planner's number
-            _write_json(path, res)
-        res["grading"] = {}
-        for b in tqdm(grading_batches, desc="grading bench", disable=not progress, leave=False):
-            reset_peak(dev)
-            try: res["grading"][f"b{b}"] = grading_speedup(trainer, b, grading_reps)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache(); res["grading"][f"b{b}"] = dict(batch=b, skipped="out of GPU memory")
-            _write_json(path, res)
-        nmax = throughput_max_images if throughput_max_images is not None else (64 if dev.type == "cuda" else 32)
-        if grading_batches and nmax > 0:
-            res["throughput"] = teacher_throughput(trainer, nmax, grading_reps)
-            d = cfg.distill
-            res["grading_ceiling"] = {f"b{b}": grading_ceiling(res["throughput"], b, trainer.engine.K, d.grade_chunk, d.teacher_guidance) for b in grading_batches}
-            _write_json(path, res)
-        if compile:
-            res["compile"] = dict(skipped="running (a time limit stopped the bench while compiling)"); _write_json(path, res)
-            trainer.opt.zero_grad(set_to_none=True)
-            def partial(c): res["compile"] = c | dict(skipped="partial: a time limit stopped the bench while compiling"); _write_json(path, res)
-            res["compile"] = compile_bench(trainer, compile_targets, grading_reps, max(1, min(iters, 3)), it["wall"], compile_mode, progress, partial)
-        else:
-            res["compile"] = dict(skipped=f"train.compile={cfg.train.compile}: the iteration above ran with compiled blocks" if cfg.train.compile != "none"
-                                  else "not requested (pass --compile; it costs minutes on a GPU)")
+        it = _bench_iteration(trainer, cfg, res, path, iters, warmup, progress)
+        if compare_full_grading and cfg.distill.mode == "on_policy": _bench_full_grading(trainer, cfg, res, path, it, iters, warmup, progress)
+        _bench_grading(trainer, cfg, res, path, grading_batches, grading_reps, throughput_max_images, progress)
+        _bench_compile(trainer, cfg, res, path, compile, compile_targets, grading_reps, iters, it, compile_mode, progress)
         res["met"] = targets_met(res)
         res["wall_s"] = time.perf_counter() - t_start
         _write_json(path, res)

@@ -1,4 +1,4 @@
-"""A Gaussian-mixture teacher with a closed-form velocity: on- and off-policy distillation judged against ground truth, on a CPU.
+"""On- and off-policy distillation judged against ground truth, on a CPU: the exact-teacher testbed (the Gaussian-mixture teacher of `opd.gmm`), its metrics and its study.
 
 Docs: https://opd-dev.github.io/opd/exact_teacher.html.md"""
 
