@@ -19,6 +19,7 @@ from .config import (Config, OpdError, cli_main, config_from_args, config_parser
 from .models import compile_blocks, compile_unavailable
 from .rollout import trained_states
 from .train import peak_mem_mb
+from .stats import md_table
 
 # %% auto #0
 __all__ = ['PHASES', 'TARGETS', 'GPU_BENCH_OVERRIDES', 'sync', 'timed', 'median', 'reset_peak', 'memory_mb', 'device_info',
@@ -193,7 +194,8 @@ def measure_iterations(trainer, iters: int = 5, warmup: int = 2, progress: bool 
 
 # %% ../nbs/11_bench.ipynb #1620fd17
 def _prompt_batch(trainer, b: int):
-    from opd.rollout import PromptBatch, derive_seed
+    from opd.rollout import PromptBatch
+    from opd.stats import derive_seed
     recs = trainer.stream.records
     recs = [recs[i % len(recs)] for i in range(b)]
     prompts = [r["prompt"] for r in recs]
@@ -339,10 +341,92 @@ def _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targ
 
 def _write_json(path: Path, obj): write_atomic(path, json.dumps(obj, indent=2, default=str))
 
-def run_bench(cfg: Config, out=None, iters: int = 5, warmup: int = 2, grading_batches: Sequence[int] = (1, 4), grading_reps: int = 3,
-              compile: bool = False, compile_targets: Sequence[str] = ("teacher", "student"), compile_mode: Optional[str] = None,
-              threads="auto", keep_text_cache: bool = False, progress: bool = True, throughput_max_images: Optional[int] = None,
-              compare_full_grading: bool = True) -> dict:
+# %% ../nbs/11_bench.ipynb #eccdd60b
+def _bench_iteration(trainer, cfg: Config, res: dict, path: Path, iters: int, warmup: int, progress: bool) -> dict:
+    "The training iteration against its phases' isolated model time (and the necessary work); fills `res`, returns the iteration's times."
+    dev = trainer.accel.device
+    m = measure_iterations(trainer, iters, warmup, progress)
+    it, pure, ga = m["iteration"], m["pure"], cfg.train.grad_accum
+    ov = overhead(it, pure, ga)
+    samples = cfg.train.batch_size * ga
+    res["iteration"] = dict(wall_s=it["wall"], t_rollout=it["rollout"], t_grading=it["grading"], t_backward=it["backward"],
+                            t_optimizer=it["optimizer"], t_other=it["other"], samples_per_s=samples / it["wall"],
+                            skipped=m["skipped"], wall_s_all=[s["wall"] for s in m["steps"]], loss_last=m["steps"][-1]["loss"])
+    res["pure"] = dict(rollout_s=pure["rollout"], grading_s=pure["grading"], backward_s=pure["backward"], optimizer_s=pure["optimizer"],
+                       total_s=ov["pure_total"])
+    res["overhead_ratio"] = ov["ratio"]
+    res["overhead"] = ov["per_phase"]
+    res["memory"] |= dict(kind=memory_mb(dev)["kind"], peak_train_mb=m["peak_train_mb"], peak_pure_mb=m["peak_pure_mb"])
+    res["peak_mem_mb"] = m["peak_train_mb"]
+    res["iteration"] |= dict(teacher_states=it["teacher_states"], student_train_states=it["student_train_states"])
+    on_policy = cfg.distill.mode == "on_policy"
+    res["necessary_s"] = m["necessary_s"]
+    res["necessary_ratio"] = it["wall"] / m["necessary_s"] if on_policy else None
+    res["seconds_per_sample"] = it["wall"] / samples
+    _write_json(path, res)
+    return it
+
+def _bench_full_grading(trainer, cfg: Config, res: dict, path: Path, it: dict, iters: int, warmup: int, progress: bool):
+    "The same iterations grading every visited state: what selective grading saves, and the configured mix's time per sample."
+    ga = cfg.train.grad_accum; samples = cfg.train.batch_size * ga
+    f = measure_iterations(trainer, iters, min(warmup, 1), progress, full_grading=True)
+    fi = f["iteration"]
+    fge = cfg.train.full_grading_every
+    res["full_grading"] = dict(wall_s=fi["wall"], t_grading=fi["grading"], teacher_states=fi["teacher_states"],
+                               seconds_per_sample=fi["wall"] / samples, overhead_ratio=overhead(fi, f["pure"], ga)["ratio"],
+                               necessary_s=f["necessary_s"], necessary_ratio=fi["wall"] / f["necessary_s"],
+                               selective_speedup=fi["wall"] / it["wall"],
+                               configured_wall_s=it["wall"] + ((fi["wall"] - it["wall"]) / fge if fge else 0.0))
+    res["full_grading"]["configured_seconds_per_sample"] = res["full_grading"]["configured_wall_s"] / samples   # the planner's number
+    _write_json(path, res)
+
+# %% ../nbs/11_bench.ipynb #c202926e
+def _bench_grading(trainer, cfg: Config, res: dict, path: Path, grading_batches: Sequence[int], grading_reps: int,
+                   throughput_max_images: Optional[int], progress: bool):
+    "Batched against step-by-step teacher grading per batch size, the teacher's throughput curve, and the speedup it allows."
+    dev = trainer.accel.device
+    res["grading"] = {}
+    for b in tqdm(grading_batches, desc="grading bench", disable=not progress, leave=False):
+        reset_peak(dev)
+        try: res["grading"][f"b{b}"] = grading_speedup(trainer, b, grading_reps)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache(); res["grading"][f"b{b}"] = dict(batch=b, skipped="out of GPU memory")
+        _write_json(path, res)
+    nmax = throughput_max_images if throughput_max_images is not None else (64 if dev.type == "cuda" else 32)
+    if grading_batches and nmax > 0:
+        res["throughput"] = teacher_throughput(trainer, nmax, grading_reps)
+        d = cfg.distill
+        res["grading_ceiling"] = {f"b{b}": grading_ceiling(res["throughput"], b, trainer.engine.K, d.grade_chunk, d.teacher_guidance) for b in grading_batches}
+        _write_json(path, res)
+
+def _bench_compile(trainer, cfg: Config, res: dict, path: Path, compile: bool, compile_targets: Sequence[str], grading_reps: int,
+                   iters: int, it: dict, compile_mode: Optional[str], progress: bool):
+    "torch.compile of the models' blocks when asked (partial results survive a time limit), else why not."
+    if compile:
+        res["compile"] = dict(skipped="running (a time limit stopped the bench while compiling)"); _write_json(path, res)
+        trainer.opt.zero_grad(set_to_none=True)
+        def partial(c): res["compile"] = c | dict(skipped="partial: a time limit stopped the bench while compiling"); _write_json(path, res)
+        res["compile"] = compile_bench(trainer, compile_targets, grading_reps, max(1, min(iters, 3)), it["wall"], compile_mode, progress, partial)
+    else:
+        res["compile"] = dict(skipped=f"train.compile={cfg.train.compile}: the iteration above ran with compiled blocks" if cfg.train.compile != "none"
+                              else "not requested (pass --compile; it costs minutes on a GPU)")
+
+# %% ../nbs/11_bench.ipynb #dab8ff13
+def run_bench(cfg: Config, # the configuration whose training iteration is measured
+              out=None, # run directory for bench.json (default: outputs/runs/<run_id>)
+              iters: int = 5, # measured training iterations
+              warmup: int = 2, # unmeasured iterations first
+              grading_batches: Sequence[int] = (1, 4), # batch sizes of the batched-vs-stepwise grading bench
+              grading_reps: int = 3, # repetitions of each timed call
+              compile: bool = False, # also time torch.compile of `compile_targets` (minutes on a GPU)
+              compile_targets: Sequence[str] = ("teacher", "student"), # which models' blocks to compile
+              compile_mode: Optional[str] = None, # torch.compile mode (default: its own)
+              threads="auto", # CPU threads: auto, or a number
+              keep_text_cache: bool = False, # keep the run's text cache (default: the bench leaves none behind)
+              progress: bool = True, # tqdm bars
+              throughput_max_images: Optional[int] = None, # largest teacher batch of the throughput curve (default 64 on a GPU, 32 on a CPU)
+              compare_full_grading: bool = True, # also measure iterations that grade every visited state
+             ) -> dict:
     "Benchmark one configuration's training iteration; writes and returns `bench.json`'s content."
     _check_bench_args(iters, warmup, grading_batches, grading_reps, compile_targets)
     from opd.models import check_sources, resolve_device
@@ -364,57 +448,10 @@ def run_bench(cfg: Config, out=None, iters: int = 5, warmup: int = 2, grading_ba
                    build_s=time.perf_counter() - t_start, memory=dict(after_build=memory_mb(dev)), targets=TARGETS[dev.type if dev.type in TARGETS else "cpu"],
                    bench=dict(iters=iters, warmup=warmup, grading_reps=grading_reps))
         _write_json(path, res)
-        m = measure_iterations(trainer, iters, warmup, progress)
-        it, pure, ga = m["iteration"], m["pure"], cfg.train.grad_accum
-        ov = overhead(it, pure, ga)
-        samples = cfg.train.batch_size * ga
-        res["iteration"] = dict(wall_s=it["wall"], t_rollout=it["rollout"], t_grading=it["grading"], t_backward=it["backward"],
-                                t_optimizer=it["optimizer"], t_other=it["other"], samples_per_s=samples / it["wall"],
-                                skipped=m["skipped"], wall_s_all=[s["wall"] for s in m["steps"]], loss_last=m["steps"][-1]["loss"])
-        res["pure"] = dict(rollout_s=pure["rollout"], grading_s=pure["grading"], backward_s=pure["backward"], optimizer_s=pure["optimizer"],
-                           total_s=ov["pure_total"])
-        res["overhead_ratio"] = ov["ratio"]
-        res["overhead"] = ov["per_phase"]
-        res["memory"] |= dict(kind=memory_mb(dev)["kind"], peak_train_mb=m["peak_train_mb"], peak_pure_mb=m["peak_pure_mb"])
-        res["peak_mem_mb"] = m["peak_train_mb"]
-        res["iteration"] |= dict(teacher_states=it["teacher_states"], student_train_states=it["student_train_states"])
-        on_policy = cfg.distill.mode == "on_policy"
-        res["necessary_s"] = m["necessary_s"]
-        res["necessary_ratio"] = it["wall"] / m["necessary_s"] if on_policy else None
-        res["seconds_per_sample"] = it["wall"] / samples
-        _write_json(path, res)
-        if compare_full_grading and on_policy:
-            f = measure_iterations(trainer, iters, min(warmup, 1), progress, full_grading=True)
-            fi = f["iteration"]
-            fge = cfg.train.full_grading_every
-            res["full_grading"] = dict(wall_s=fi["wall"], t_grading=fi["grading"], teacher_states=fi["teacher_states"],
-                                       seconds_per_sample=fi["wall"] / samples, overhead_ratio=overhead(fi, f["pure"], ga)["ratio"],
-                                       necessary_s=f["necessary_s"], necessary_ratio=fi["wall"] / f["necessary_s"],
-                                       selective_speedup=fi["wall"] / it["wall"],
-                                       configured_wall_s=it["wall"] + ((fi["wall"] - it["wall"]) / fge if fge else 0.0))
-            res["full_grading"]["configured_seconds_per_sample"] = res["full_grading"]["configured_wall_s"] / samples   # the planner's number
-            _write_json(path, res)
-        res["grading"] = {}
-        for b in tqdm(grading_batches, desc="grading bench", disable=not progress, leave=False):
-            reset_peak(dev)
-            try: res["grading"][f"b{b}"] = grading_speedup(trainer, b, grading_reps)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache(); res["grading"][f"b{b}"] = dict(batch=b, skipped="out of GPU memory")
-            _write_json(path, res)
-        nmax = throughput_max_images if throughput_max_images is not None else (64 if dev.type == "cuda" else 32)
-        if grading_batches and nmax > 0:
-            res["throughput"] = teacher_throughput(trainer, nmax, grading_reps)
-            d = cfg.distill
-            res["grading_ceiling"] = {f"b{b}": grading_ceiling(res["throughput"], b, trainer.engine.K, d.grade_chunk, d.teacher_guidance) for b in grading_batches}
-            _write_json(path, res)
-        if compile:
-            res["compile"] = dict(skipped="running (a time limit stopped the bench while compiling)"); _write_json(path, res)
-            trainer.opt.zero_grad(set_to_none=True)
-            def partial(c): res["compile"] = c | dict(skipped="partial: a time limit stopped the bench while compiling"); _write_json(path, res)
-            res["compile"] = compile_bench(trainer, compile_targets, grading_reps, max(1, min(iters, 3)), it["wall"], compile_mode, progress, partial)
-        else:
-            res["compile"] = dict(skipped=f"train.compile={cfg.train.compile}: the iteration above ran with compiled blocks" if cfg.train.compile != "none"
-                                  else "not requested (pass --compile; it costs minutes on a GPU)")
+        it = _bench_iteration(trainer, cfg, res, path, iters, warmup, progress)
+        if compare_full_grading and cfg.distill.mode == "on_policy": _bench_full_grading(trainer, cfg, res, path, it, iters, warmup, progress)
+        _bench_grading(trainer, cfg, res, path, grading_batches, grading_reps, throughput_max_images, progress)
+        _bench_compile(trainer, cfg, res, path, compile, compile_targets, grading_reps, iters, it, compile_mode, progress)
         res["met"] = targets_met(res)
         res["wall_s"] = time.perf_counter() - t_start
         _write_json(path, res)
@@ -439,12 +476,6 @@ def targets_met(res: dict) -> dict:
     return out
 
 # %% ../nbs/11_bench.ipynb #93a24f13
-def _fmt_table(rows: list[list], header: list[str]) -> str:
-    cells = [[str(c) for c in r] for r in [header] + rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) + " |"
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in cells[1:]])
-
 def _ms(s) -> str: return "—" if s is None or s != s else f"{1e3 * s:.1f}"
 
 def bench_table(res: dict) -> str:
@@ -462,7 +493,7 @@ def bench_table(res: dict) -> str:
         rows = [[p, _ms(it[f"t_{p}"]), _ms(pu[f"{p}_s"] * (1 if p == "optimizer" else ga)), f"{ov[p]:.2f}"] for p in ("rollout", "grading", "backward", "optimizer")]
         rows += [["other (step bookkeeping)", _ms(it["t_other"]), "", ""],
                  ["**iteration**", _ms(it["wall_s"]), _ms(pu["total_s"]), f"**{res['overhead_ratio']:.2f}**"]]
-        out += [_fmt_table(rows, ["phase", "iteration ms", "isolated model ms", "ratio"]), "",
+        out += [md_table(rows, ["phase", "iteration ms", "isolated model ms", "ratio"]), "",
                 f"{it['samples_per_s']:.2f} samples/s; peak memory {res['memory']['peak_train_mb']:.0f} MB ({res['memory']['kind']}); "
                 f"{it['skipped']} skipped steps", ""]
     if res.get("necessary_ratio") is not None:
@@ -471,7 +502,7 @@ def bench_table(res: dict) -> str:
         f = res.get("full_grading")
         if f: rows.append(["teacher grades every visited state", _ms(f["wall_s"]), f"{f['teacher_states']}", f"{f['seconds_per_sample']:.3g}",
                            f"{f['overhead_ratio']:.2f}", f"{f['necessary_ratio']:.2f}"])
-        out += [_fmt_table(rows, ["iteration", "wall ms", "teacher states", "s / sample", "ratio (same work)", "ratio (necessary work)"]), "",
+        out += [md_table(rows, ["iteration", "wall ms", "teacher states", "s / sample", "ratio (same work)", "ratio (necessary work)"]), "",
                 f"necessary work: {_ms(res['necessary_s'])} ms"
                 + (f"; selective grading is {f['selective_speedup']:.2f}× faster per iteration" if f else ""), ""]
     if res.get("grading"):
@@ -480,7 +511,7 @@ def bench_table(res: dict) -> str:
         rows = [[f"batch {g['batch']}", _ms(g.get("batched_s")), _ms(g.get("stepwise_s")), f"{g['speedup']:.2f}×" if "speedup" in g else g.get("skipped", ""),
                  f"{g.get('forwards_batched', '')} vs {g.get('forwards_stepwise', '')}", x(k, "predicted_speedup"), x(k, "max_speedup")]
                 for k, g in res["grading"].items()]
-        out += [_fmt_table(rows, ["teacher grading", "batched ms", "step-by-step ms", "speedup", "forwards", "predicted", "max (any chunk)"]), ""]
+        out += [md_table(rows, ["teacher grading", "batched ms", "step-by-step ms", "speedup", "forwards", "predicted", "max (any chunk)"]), ""]
     if res.get("throughput", {}).get("images"):
         tp = res["throughput"]
         per_image = ", ".join(f"{n}: {m:.1f}" for n, m in zip(tp["images"], tp["ms_per_image"]))
@@ -491,7 +522,7 @@ def bench_table(res: dict) -> str:
             rows = [[k, _ms(v["eager_s"]), _ms(v["compiled_s"]), f"{v['speedup']:.2f}×", f"{v['compile_s']:.1f}"] for k, v in c["calls"].items()]
             if c.get("iteration_s"): rows.append(["iteration", _ms(c.get("eager_iteration_s")), _ms(c["iteration_s"]),
                                                   f"{c['iteration_speedup']:.2f}×" if c.get("iteration_speedup") else "", f"{c['first_iteration_s']:.1f} (first)"])
-            out += [_fmt_table(rows, ["torch.compile (" + c["scope"] + ")", "eager ms", "compiled ms", "speedup", "compile s"]), ""]
+            out += [md_table(rows, ["torch.compile (" + c["scope"] + ")", "eager ms", "compiled ms", "speedup", "compile s"]), ""]
         if c.get("skipped"): out += [f"torch.compile: {c['skipped']}", ""]
     return "\n".join(out).rstrip()
 

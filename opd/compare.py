@@ -20,16 +20,16 @@ from torch import Tensor
 
 from .config import Config, OpdError, load_config
 from .config import latest_dir
-from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch
+from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, x0_hat
 from .losses import gaussian_kl
 from .prompts import build_prompts
 from .samples import ARMS, read_samples      # the samples contract: arms, columns, confined image paths
-from .eval import eval_items, load_student_weights, resolve_ckpt, _read_run_prompts
+from .eval import eval_items, load_student_weights, resolve_ckpt, read_run_prompts
 from .models import to_uint8
 
 # %% auto #0
-__all__ = ['wrap_text', 'grid_size', 'grid_image', 'make_grids', 'x0_hat', 'TrajectoryFrames', 'trajectory_frames',
-           'student_trajectory', 'trajectory_viewer', 'trajectory_strip']
+__all__ = ['wrap_text', 'grid_size', 'grid_image', 'make_grids', 'TrajectoryFrames', 'trajectory_frames', 'student_trajectory',
+           'trajectory_viewer', 'trajectory_strip']
 
 # %% ../nbs/07_compare.ipynb #5521783b
 def _font(size: int = 12):
@@ -100,11 +100,6 @@ def make_grids(run_dir, rows_per_grid: int = 8, cell: Optional[int] = None, spli
     return out
 
 # %% ../nbs/07_compare.ipynb #a6c153b4
-def x0_hat(states: Tensor, v: Tensor, sigmas: Tensor) -> Tensor:
-    "x̂₀ = x − σ·v for states and velocities (B, K, ...) at σ_0..σ_{K-1}."
-    s = sigmas[: states.shape[1]].to(states.device, torch.float32).reshape(1, -1, *([1] * (states.ndim - 2)))
-    return (states.float() - s * v.float()).to(states.dtype)
-
 @dataclass
 class TrajectoryFrames:
     "Decoded pictures of sample `i` of a trajectory: the state, the student's and the teacher's x̂₀ at each step k < K."
@@ -137,7 +132,7 @@ def student_trajectory(cfg: Config, ckpt=None, pair=None, split: str = "heldout"
     "An on-policy rollout of one evaluation sample (split, prompt `index`, seed `j`) by the student `ckpt` (None: the undistilled one)."
     from opd.models import load_models
     ck = resolve_ckpt(ckpt) if ckpt is not None else None
-    records = _read_run_prompts(cfg, ck.run_dir) if ck is not None else build_prompts(cfg)
+    records = read_run_prompts(cfg, ck.run_dir) if ck is not None else build_prompts(cfg)
     items = [it for it in eval_items(records, cfg) if it.split == split and it.j == j]
     if not items: raise OpdError("split", split, ", ".join(cfg.eval.splits))
     it = items[min(index, len(items) - 1)]

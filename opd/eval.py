@@ -23,21 +23,23 @@ from tqdm.auto import tqdm
 from .config import (Config, EvalConfig, OpdError, cli_main, config_hash, config_parser, load_config, print_config,
                         repro_keys, run_id)
 from .config import LATEST, check_device, check_out, eval_key, latest_dir, read_json, set_latest
-from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, derive_seed, images_per_state
+from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, images_per_state
+from .stats import CI, bootstrap_ci, derive_seed, md_table, paired_delta_ci
 from .models import save_png, to_uint8
 from .models import hub_offline
-from .losses import final_latent_mse, per_step_kl
+from .losses import final_latent_mse, per_sample_mse, per_step_kl
+from .train import monitor_batch, monitor_records
 from .samples import ARMS, SAMPLE_COLUMNS, write_csv      # the samples contract (one definition, torch-free)
 
 # %% auto #0
 __all__ = ['TINY_CLIP', 'TINY_CLIP_ARCH', 'TINY_CLIP_CONFIG', 'DEFAULT_CLIP_TAG', 'METRICS', 'SUMMARY_COLUMNS',
-           'CATEGORY_MD_METRICS', 'image_mse', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance', 'CI',
-           'bootstrap_ci', 'paired_delta_ci', 'register_tiny_clip', 'ClipScorer', 'clip_tag', 'clip_weights_file',
-           'load_clip', 'EvalItem', 'pick_prompts', 'eval_items', 'Checkpoint', 'check_weight_files', 'resolve_ckpt',
-           'load_student_weights', 'ArmOutputs', 'image_name', 'image_relpath', 'run_arm', 'per_sample_table',
-           'summarize', 'add_metric_rows', 'with_set_metrics', 'kl_per_step_table', 'plot_training_curves',
-           'plot_kl_per_step', 'plot_metric_bars', 'markdown_table', 'headline', 'headline_text', 'write_summary_md',
-           'exact_report', 'evaluate', 'main', 'eval_forwards', 'eval_cost']
+           'CATEGORY_MD_METRICS', 'image_mse', 'from_uint8', 'pairwise_rms', 'pairwise_cosine_distance',
+           'register_tiny_clip', 'ClipScorer', 'clip_tag', 'clip_weights_file', 'load_clip', 'EvalItem', 'pick_prompts',
+           'eval_items', 'Checkpoint', 'check_weight_files', 'resolve_ckpt', 'load_student_weights', 'ArmOutputs',
+           'image_name', 'image_relpath', 'run_arm', 'per_sample_table', 'summarize', 'add_metric_rows',
+           'with_set_metrics', 'kl_per_step_table', 'plot_training_curves', 'plot_kl_per_step', 'plot_metric_bars',
+           'markdown_table', 'headline', 'headline_text', 'write_summary_md', 'read_run_prompts', 'exact_report',
+           'evaluate', 'main', 'eval_forwards', 'eval_cost']
 
 # %% ../nbs/06_eval.ipynb #7b015fc2
 from .metrics import (GAP_COLUMNS, METRIC_INFO, gap_cell, gap_closed, gap_headline, load_metrics, plot_gap_closed,
@@ -46,7 +48,7 @@ from .metrics import (GAP_COLUMNS, METRIC_INFO, gap_cell, gap_closed, gap_headli
 # %% ../nbs/06_eval.ipynb #1896ca01
 def image_mse(a: Tensor, b: Tensor) -> Tensor:
     "Per-sample mean squared difference of two image batches (B, 3, H, W) in [0, 1]."
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return per_sample_mse(a, b)
 
 def from_uint8(images: Tensor) -> Tensor:
     "(B, H, W, 3) uint8 → (B, 3, H, W) float32 in [0, 1]."
@@ -67,34 +69,6 @@ def pairwise_cosine_distance(e: Tensor) -> float:
     if len(e) < 2: return float("nan")
     e = F.normalize(e.float(), dim=-1); i, j = _pairs(len(e))
     return float((1 - (e[i] * e[j]).sum(-1)).mean())
-
-# %% ../nbs/06_eval.ipynb #e17532e4
-@dataclass
-class CI:
-    "A mean and its bootstrap interval over `n` units."
-    mean: float
-    lo: float
-    hi: float
-    n: int
-    def __str__(self): return f"{self.mean:.4g} [{self.lo:.4g}, {self.hi:.4g}]"
-
-def bootstrap_ci(x, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> CI:
-    "Percentile-bootstrap CI of the mean of `x` (non-finite values dropped); lo/hi are NaN with fewer than 2 values."
-    x = np.asarray(x, dtype=float).ravel()
-    x = x[np.isfinite(x)]
-    n = len(x)
-    if n == 0: return CI(float("nan"), float("nan"), float("nan"), 0)
-    m = float(x.mean())
-    if n < 2: return CI(m, float("nan"), float("nan"), 1)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, n, size=(n_boot, n))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return CI(m, float(lo), float(hi), n)
-
-def paired_delta_ci(before, after, n_boot: int = 1000, seed: int = 0) -> CI:
-    "CI of mean(after − before) over paired units (resampled jointly)."
-    b, a = np.asarray(before, float), np.asarray(after, float)
-    return bootstrap_ci(a - b, n_boot, seed)
 
 # %% ../nbs/06_eval.ipynb #aaa2d0b3
 TINY_CLIP = "tiny-random"
@@ -650,10 +624,7 @@ def _ci_cell(row, arm: str) -> str:
 
 def markdown_table(df: pd.DataFrame, cols: Sequence[str], heads: Optional[Sequence[str]] = None) -> str:
     "A GitHub-markdown table of `df[cols]` (cells pre-formatted as strings)."
-    heads = heads or cols
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for _, r in df.iterrows(): lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
-    return "\n".join(lines)
+    return md_table([[r[c] for c in cols] for _, r in df.iterrows()], heads or cols)
 
 def _pretty(summary: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     rows = []
@@ -709,8 +680,6 @@ def write_summary_md(path, summary: pd.DataFrame, by_cat: pd.DataFrame, info: di
     return Path(path)
 
 # %% ../nbs/06_eval.ipynb #ae99f4a8
-from .train import heldout_records as trainer_heldout_records, heldout_batch as trainer_heldout_batch  # one definition
-
 def _check_line(name: str, ours: float, theirs) -> str:
     if theirs is None or not isinstance(theirs, (int, float)) or not math.isfinite(theirs): return f"{name}: {ours:.6g} (no logged value to compare)"
     rel = abs(ours - theirs) / max(abs(theirs), 1e-12)
@@ -727,10 +696,12 @@ def _config_note(cfg: Config, run_dir: Path) -> str:
     ours = cfg.model_dump(mode="json")
     return ", ".join(k for k in ours if ours.get(k) != theirs.get(k))
 
-def _read_run_prompts(cfg: Config, run_dir: Path) -> list[dict]:
+def read_run_prompts(cfg: Config, run_dir: Path) -> list[dict]:
     from opd.prompts import build_prompts, read_prompts
     f = run_dir / "prompts.jsonl"
     return read_prompts(f, "prompts.jsonl") if f.is_file() else build_prompts(cfg)
+
+_read_run_prompts = read_run_prompts   # deprecated: the old private name
 
 # %% ../nbs/06_eval.ipynb #cc5bfbb7
 def exact_report(pair, items: list[EvalItem], outs: dict, eval_dir: Path, n_boot: int = 1000) -> Optional[pd.DataFrame]:
@@ -750,7 +721,13 @@ def _takes_latest(base: Path, ck: Checkpoint) -> bool:
     cur = (base / LATEST).read_text().strip() if (base / LATEST).is_file() else ""
     return ck.kind == "student" or not cur.startswith("final-")
 
-def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None, force: bool = False) -> dict:
+def evaluate(cfg: Config, # the run's resolved config (its eval group says what to measure)
+             ckpt, # a finished run directory (with student/) or a checkpoint folder checkpoints/step-N
+             out=None, # where eval/<eval_key>/ goes (default: the checkpoint's run directory)
+             progress: bool = True, # tqdm bars
+             device=None, # default `model.device`
+             force: bool = False, # evaluate again although eval/<eval_key>/ exists (it is replaced)
+            ) -> dict:
     "Evaluate teacher / student-before / student-after; write the report into `<out or run_dir>/eval/<eval_key>/`; return paths and numbers."
     from opd.models import load_models, resolve_device
     ck = resolve_ckpt(ckpt)
@@ -764,7 +741,7 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None, fo
     dev = resolve_device(device if device is not None else cfg.model.device)
     clip = load_clip(ec, dev, cfg.seed)                                           # validates eval.clip_* before any work
     suite = load_metrics(ec.metrics, ec.weights, cfg.stage, dev) if ec.metrics else None   # eval.metrics/weights, before any work
-    records = _read_run_prompts(cfg, ck.run_dir)
+    records = read_run_prompts(cfg, ck.run_dir)
     items = eval_items(records, cfg)
     note = _config_note(cfg, ck.run_dir)
     t_start = time.perf_counter()
@@ -773,7 +750,7 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None, fo
     engine = RolloutEngine(pair, cfg.distill, num_steps=ec.num_steps)
     tr_engine = RolloutEngine(pair, cfg.distill)                                # the trainer's schedule, for the consistency check
     prompts = list(dict.fromkeys(it.prompt for it in items))
-    pair.precompute(prompts + [r["prompt"] for r in trainer_heldout_records(records)], progress=False)
+    pair.precompute(prompts + [r["prompt"] for r in monitor_records(records)], progress=False)
 
     base = root / "eval"
     final, tmp = base / key, base / f".{key}.tmp"
@@ -787,7 +764,7 @@ def evaluate(cfg: Config, ckpt, out=None, progress: bool = True, device=None, fo
         bs, ac = cfg.distill.grade_chunk, (lambda: _autocast(cfg, dev))
         kl_steps = engine.K - min(cfg.distill.skip_last_steps, engine.K - 1)
         ts = read_json(ck.run_dir / "train_summary.json") if (ck.run_dir / "train_summary.json").is_file() else {}
-        hb = trainer_heldout_batch(records, pair.encode, cfg.seed)
+        hb = monitor_batch(records, pair.encode, cfg.seed)
         outs, checks = {}, []
 
         outs["teacher"] = run_arm(engine, items, emb, emb_index, "teacher", tmp, clip, bs, autocast=ac, progress=progress)

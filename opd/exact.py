@@ -1,4 +1,4 @@
-"""A Gaussian-mixture teacher with a closed-form velocity: on- and off-policy distillation judged against ground truth, on a CPU.
+"""On- and off-policy distillation judged against ground truth, on a CPU: the exact-teacher testbed (the Gaussian-mixture teacher of `opd.gmm`), its metrics and its study.
 
 Docs: https://opd-dev.github.io/opd/exact_teacher.html.md"""
 
@@ -16,295 +16,18 @@ import torch
 from torch import Tensor
 
 from .config import Config, OpdError, load_config
-from .prompts import CATEGORIES, _VOCAB
-from .rollout import PromptBatch, RolloutEngine, derive_seed, draw, flow_sigmas, sample_generators, sde_step
+from .prompts import CATEGORIES
+from .rollout import PromptBatch, RolloutEngine, draw, flow_sigmas, sample_generators, sde_step
 from .losses import gaussian_kl, final_latent_mse
+from .stats import bootstrap_ci, derive_seed
+from .gmm import (EXACT_SPEC_HELP, LAYOUTS, SD3_LATENT_RGB, SD3_LATENT_RGB_BIAS, ExactGMMTeacher, GMMSpec, PromptList, category_of,
+                     gmm_means, is_exact_spec, latent_preview, layout_pattern, mc_velocity, parse_exact_spec, prompt_words, prompts_of,
+                     show_previews)
+from .models import build_exact_pair
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'SD3_LATENT_RGB', 'SD3_LATENT_RGB_BIAS', 'EXACT_SPEC_HELP', 'layout_pattern', 'latent_preview',
-           'show_previews', 'GMMSpec', 'gmm_means', 'category_of', 'prompt_words', 'PromptList', 'prompts_of',
-           'ExactGMMTeacher', 'mc_velocity', 'ExactPair', 'prompt_batch', 'sample_prompts', 'nll_per_dim',
-           'mode_coverage', 'exact_step_kl', 'is_exact_spec', 'parse_exact_spec', 'build_exact_pair', 'ExactEvalSet',
+__all__ = ['ExactPair', 'prompt_batch', 'sample_prompts', 'nll_per_dim', 'mode_coverage', 'exact_step_kl', 'ExactEvalSet',
            'make_eval_set', 'sample_metrics', 'exact_metrics', 'reference_metrics', 'exact_config']
-
-# %% ../nbs/09_exact_teacher.ipynb #f1774717
-LAYOUTS = ("blob", "hband", "vband", "two_blobs", "diagonal", "frame")
-
-def _h64(*parts) -> int:
-    "A stable 63-bit hash of any parts."
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-def _rng(*parts) -> np.random.Generator: return np.random.default_rng(_h64(*parts))
-
-def layout_pattern(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    "A spatial pattern in [0, 1] of shape (h, w); positions and widths drawn from `rng`."
-    yy, xx = np.meshgrid((np.arange(h) + .5) / h, (np.arange(w) + .5) / w, indexing="ij")
-    g = lambda d2, r: np.exp(-d2 / (2 * r * r))
-    if kind == "blob":
-        (cy, cx), r = rng.uniform(.25, .75, 2), rng.uniform(.14, .22)
-        return g((yy - cy) ** 2 + (xx - cx) ** 2, r)
-    if kind == "hband": return g((yy - rng.uniform(.2, .8)) ** 2, rng.uniform(.07, .12))
-    if kind == "vband": return g((xx - rng.uniform(.2, .8)) ** 2, rng.uniform(.07, .12))
-    if kind == "two_blobs":
-        (y1, x1, y2, x2), r = rng.uniform(.2, .8, 4), rng.uniform(.1, .15)
-        return np.maximum(g((yy - y1) ** 2 + (xx - x1) ** 2, r), g((yy - y2) ** 2 + (xx - x2) ** 2, r))
-    if kind == "diagonal": return g((yy - xx - rng.uniform(-.3, .3)) ** 2, rng.uniform(.08, .14))
-    if kind == "frame":
-        d = np.minimum(np.minimum(yy, 1 - yy), np.minimum(xx, 1 - xx))
-        return g(d ** 2, rng.uniform(.07, .12))
-    raise OpdError("layout", kind, ", ".join(LAYOUTS))
-
-# %% ../nbs/09_exact_teacher.ipynb #e3709129
-SD3_LATENT_RGB = torch.tensor([
-    [-0.0922, -0.0175,  0.0749], [ 0.0311,  0.0633,  0.0954], [ 0.1994,  0.0927,  0.0458], [ 0.0856,  0.0339,  0.0902],
-    [ 0.0587,  0.0272, -0.0496], [-0.0006,  0.1104,  0.0309], [ 0.0978,  0.0306,  0.0427], [-0.0042,  0.1038,  0.1358],
-    [-0.0194,  0.0020,  0.0669], [-0.0488,  0.0130, -0.0268], [ 0.0922,  0.0988,  0.0951], [-0.0278,  0.0524, -0.0542],
-    [ 0.0332,  0.0456,  0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189]])
-SD3_LATENT_RGB_BIAS = torch.tensor([0.2394, 0.2135, 0.1925])
-
-def latent_preview(x: Tensor, norm: str = "minmax", upscale: int = 4) -> Tensor:
-    "(B, 16, h, w) latents → (B, 3, h·upscale, w·upscale) RGB in [0, 1] via the fixed SD3 16×3 map."
-    if x.ndim != 4 or x.shape[1] != SD3_LATENT_RGB.shape[0]:
-        raise OpdError("latents", tuple(x.shape), "(B, 16, h, w) SD3-space latents")
-    y = torch.einsum("bchw,cr->brhw", x.detach().float().cpu(), SD3_LATENT_RGB) + SD3_LATENT_RGB_BIAS[:, None, None]
-    if norm == "fixed": y = ((y + 1) / 2).clamp(0, 1)
-    elif norm == "minmax":
-        lo, hi = y.amin(dim=(0, 2, 3), keepdim=True), y.amax(dim=(0, 2, 3), keepdim=True)
-        y = (y - lo) / (hi - lo).clamp_min(1e-8)
-    else: raise OpdError("norm", norm, "fixed, minmax")
-    return y.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3) if upscale > 1 else y
-
-def show_previews(rows: dict, titles: Optional[Sequence[str]] = None, norm: str = "minmax", size: float = 1.3):
-    "A grid of latent previews: one row per `rows` entry (name → (N, 16, h, w)), one shared colour scale."
-    import matplotlib.pyplot as plt
-    names = list(rows)
-    allx = torch.cat([rows[n].detach().float().cpu() for n in names])
-    imgs = latent_preview(allx, norm).permute(0, 2, 3, 1).numpy()
-    n = max(len(rows[k]) for k in names)
-    fig, axs = plt.subplots(len(names), n, figsize=(size * n, size * len(names) + .3), squeeze=False)
-    i = 0
-    for r, name in enumerate(names):
-        for c in range(n):
-            ax = axs[r, c]; ax.axis("off")
-            if c < len(rows[name]):
-                ax.imshow(imgs[i]); i += 1
-                if r == 0 and titles is not None and c < len(titles): ax.set_title(titles[c], fontsize=7)
-        axs[r, 0].text(-0.1, 0.5, name, transform=axs[r, 0].transAxes, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/09_exact_teacher.ipynb #2d931b7e
-@dataclass(frozen=True)
-class GMMSpec:
-    "Everything that defines the exact teacher's data distribution."
-    latent_shape: tuple = (16, 16, 16)        # (C, h, w)
-    modes_per_category: int = 4               # M
-    std: float = 0.2                          # c: each component is N(μ_j, c² I)
-    scale: float = 1.0                        # RMS of every mean
-    word_strength: float = 1.5                # how strongly prompt words move the mode weights
-    floor: float = 0.1                        # weights = (1 - floor)·softmax + floor/M (no mode is ever empty)
-    seed: int = 0
-    categories: tuple = CATEGORIES
-
-    def __post_init__(self):
-        if len(self.latent_shape) != 3: raise OpdError("latent_shape", self.latent_shape, "(C, h, w)")
-        if self.modes_per_category < 1: raise OpdError("modes", self.modes_per_category, "an integer >= 1")
-        if not self.std > 0: raise OpdError("std", self.std, "a number > 0")
-        if not 0 <= self.floor <= 1: raise OpdError("floor", self.floor, "a number in [0, 1]")
-    @property
-    def D(self) -> int: return int(np.prod(self.latent_shape))
-    @property
-    def J(self) -> int: return len(self.categories) * self.modes_per_category
-
-def _channel_vector(C: int, rng: np.random.Generator) -> np.ndarray:
-    "A unit channel vector: a random preview colour lifted through the SD3 map, plus a random part."
-    F = SD3_LATENT_RGB.double().numpy()
-    if C == F.shape[0]:
-        col = rng.uniform(-1, 1, 3)
-        v = np.linalg.pinv(F.T) @ col
-        v = v / np.linalg.norm(v) + 0.5 * rng.normal(size=C) / math.sqrt(C)
-    else: v = rng.normal(size=C)
-    return v / np.linalg.norm(v)
-
-def gmm_means(spec: GMMSpec) -> tuple[Tensor, list[tuple[str, str]]]:
-    "The J = (#categories × M) component means (J, C, h, w) float64, and their (category, layout) names."
-    C, h, w = spec.latent_shape
-    means, names = [], []
-    for cat in spec.categories:
-        r = _rng(spec.seed, "category", cat)
-        u, b = _channel_vector(C, r), _channel_vector(C, r)
-        b = b - (b @ u) * u                                         # orthogonal: full contrast object/background
-        b = b / np.linalg.norm(b) if C > 1 else -u
-        kinds = [LAYOUTS[i % len(LAYOUTS)] for i in r.permutation(max(spec.modes_per_category, len(LAYOUTS)))][: spec.modes_per_category]
-        for m, kind in enumerate(kinds):
-            p = layout_pattern(kind, h, w, _rng(spec.seed, "layout", cat, m))
-            mu = p[None] * u[:, None, None] + (1 - p[None]) * b[:, None, None]
-            means.append(spec.scale * mu / np.sqrt((mu ** 2).mean()))
-            names.append((cat, kind if kinds.count(kind) == 1 else f"{kind}{m}"))
-    return torch.from_numpy(np.stack(means)), names
-
-# %% ../nbs/09_exact_teacher.ipynb #3c3de702
-def _subject_index() -> list[tuple[str, str]]:
-    pairs = [(s.lower(), c) for c, v in _VOCAB.items() for s in (*v["subjects"], v["advertiser"])]
-    return sorted(pairs, key=lambda p: -len(p[0]))     # longest phrase first
-
-_SUBJECTS = _subject_index()
-
-def category_of(prompt: str, categories: Sequence[str] = CATEGORIES) -> Optional[str]:
-    "The prompt's category: its subject phrase, else a hash of the text; None for the empty prompt."
-    text = prompt.strip().lower()
-    if not text: return None
-    for phrase, cat in _SUBJECTS:
-        if phrase in text and cat in categories: return cat
-    return categories[_h64("category-fallback", text) % len(categories)]
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-def prompt_words(prompt: str) -> list[str]: return _WORD.findall(prompt.lower())
-
-# %% ../nbs/09_exact_teacher.ipynb #d64e5f55
-class PromptList:
-    "Prompt texts with the batch interface of `TextEmbeddings` (for the exact teacher alone)."
-    def __init__(self, prompts: Sequence[str]): self.prompts = list(prompts)
-    def __len__(self): return len(self.prompts)
-    def to(self, device=None, dtype=None): return self
-    def __getitem__(self, idx):
-        if isinstance(idx, int): return PromptList([self.prompts[idx]])
-        if isinstance(idx, slice): return PromptList(self.prompts[idx])
-        return PromptList([self.prompts[int(i)] for i in torch.as_tensor(idx).reshape(-1).tolist()])
-    def repeat_interleave(self, n: int): return PromptList([p for p in self.prompts for _ in range(n)])
-    @staticmethod
-    def cat(items): return PromptList([p for it in items for p in it.prompts])
-    def __repr__(self): return f"PromptList({len(self)} prompts)"
-
-def prompts_of(emb) -> list[str]:
-    "The prompt texts of a `TextEmbeddings`/`PromptList` (or a list of strings)."
-    if isinstance(emb, str): return [emb]
-    if isinstance(emb, (list, tuple)): return list(emb)
-    p = getattr(emb, "prompts", None)
-    if p is None:
-        raise OpdError("emb.prompts", None, msg="the exact teacher needs the prompt texts: TextEmbeddings.prompts is None (encode with a pair that records them)")
-    return list(p)
-
-# %% ../nbs/09_exact_teacher.ipynb #61fecbed
-class ExactGMMTeacher:
-    "The exact flow-matching velocity of a prompt-conditioned Gaussian mixture, with `FlowModel`'s interface."
-    def __init__(self, spec: GMMSpec = GMMSpec(), device=None, dtype=torch.float32, prompt_categories: Optional[dict] = None):
-        self.spec, self.dtype = spec, dtype
-        self.device = torch.device(device or "cpu")
-        means, self.names = gmm_means(spec)
-        self.means = means.reshape(spec.J, -1).to(self.device)             # (J, D) float64
-        self.sq = self.means.pow(2).sum(1)                                  # ‖μ_j‖²
-        self.prompt_categories = dict(prompt_categories or {})
-        self._logw = {}
-        self.cat_index = {c: i for i, c in enumerate(spec.categories)}
-
-    # -- FlowModel interface: frozen, nothing to train
-    transformer = config = None
-    name = "exact:gmm"
-    def trainable_parameters(self): return []
-    def num_parameters(self, trainable: bool = False) -> int: return 0
-    def parameters(self): return iter(())
-    def eval(self): return self
-    def train(self, mode: bool = True): return self
-    def requires_grad_(self, flag: bool = True): return self
-    def to(self, device=None, dtype=None):
-        if device is not None:
-            self.device = torch.device(device); self.means, self.sq = self.means.to(self.device), self.sq.to(self.device)
-            self._logw = {}
-        if dtype is not None: self.dtype = dtype
-        return self
-    def __repr__(self): s = self.spec; return f"ExactGMMTeacher({s.J} components, shape={s.latent_shape}, c={s.std})"
-
-    # -- the data distribution
-    def category(self, prompt: str) -> Optional[str]:
-        return self.prompt_categories.get(prompt) or category_of(prompt, self.spec.categories)
-
-    def weights_of(self, prompt: str) -> Tensor:
-        "The prompt's mixture weights over all J components (J,) float64; zero outside its category."
-        s, M = self.spec, self.spec.modes_per_category
-        cat = self.category(prompt)
-        w = torch.zeros(s.J, dtype=torch.float64)
-        cats = [cat] if cat is not None else list(s.categories)
-        for c in cats:
-            base = _rng(s.seed, "base-weights", c).normal(size=M) * 0.5
-            words = prompt_words(prompt) if cat is not None else []
-            if words: base = base + s.word_strength * sum(_rng(s.seed, "word", t).normal(size=M) for t in words) / math.sqrt(len(words))
-            e = np.exp(base - base.max())
-            k = self.cat_index[c]
-            w[k * M:(k + 1) * M] = torch.from_numpy((1 - s.floor) * e / e.sum() + s.floor / M) / len(cats)
-        return w
-
-    def log_weights(self, prompts: Sequence[str]) -> Tensor:
-        "(B, J) float64 log-weights (−inf outside each prompt's category), cached per prompt."
-        for p in prompts:
-            if p not in self._logw: self._logw[p] = self.weights_of(p).log().to(self.device)
-        return torch.stack([self._logw[p] for p in prompts])
-
-    def _sig(self, sigma, B: int) -> Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=self.device).reshape(-1)
-        return s.expand(B) if s.numel() == 1 else s
-
-    def responsibilities(self, x: Tensor, sigma, prompts: Sequence[str]) -> Tensor:
-        "ρ_j(x) at noise level σ: (B, J) float64 posterior over components."
-        xf = x.to(self.device, torch.float64).flatten(1)
-        a = 1 - self._sig(sigma, len(xf))[:, None]
-        V = a ** 2 * self.spec.std ** 2 + (1 - a) ** 2
-        logits = self.log_weights(prompts) + (a * (xf @ self.means.T) - 0.5 * a ** 2 * self.sq) / V
-        return torch.softmax(logits, dim=1)
-
-    def _v(self, x: Tensor, sigma, prompts) -> Tensor:
-        xf = x.to(self.device, torch.float64).flatten(1)
-        s = self._sig(sigma, len(xf))[:, None]
-        c2 = self.spec.std ** 2
-        V = (1 - s) ** 2 * c2 + s ** 2
-        mbar = self.responsibilities(x, s[:, 0], prompts) @ self.means
-        return (((s - (1 - s) * c2) * xf - s * mbar) / V).reshape(x.shape)
-
-    def velocity(self, x: Tensor, sigma, emb, neg=None, guidance: float = 1.0) -> Tensor:
-        "v = E[ε − x₀ | x_σ] for each sample's prompt; CFG against the unconditional mixture when guidance != 1."
-        prompts = prompts_of(emb)
-        if len(prompts) != len(x): raise OpdError("emb", len(prompts), msg=f"{len(prompts)} prompts for a batch of {len(x)} latents")
-        v = self._v(x, sigma, prompts)
-        if guidance != 1:
-            nprompts = prompts_of(neg) if neg is not None else [""]
-            if len(nprompts) == 1: nprompts = nprompts * len(x)
-            v_u = self._v(x, sigma, nprompts)
-            v = v_u + guidance * (v - v_u)
-        return v.to(device=x.device, dtype=x.dtype)
-
-    __call__ = velocity
-
-    def log_prob(self, x0: Tensor, prompts: Sequence[str]) -> Tensor:
-        "log p(x₀ | prompt) under the true mixture, nats per sample (B,) float64."
-        xf = x0.to(self.device, torch.float64).flatten(1)
-        c2, D = self.spec.std ** 2, xf.shape[1]
-        d2 = (xf.pow(2).sum(1, keepdim=True) - 2 * xf @ self.means.T + self.sq).clamp_min(0)
-        return torch.logsumexp(self.log_weights(prompts) - d2 / (2 * c2), 1) - 0.5 * D * math.log(2 * math.pi * c2)
-
-    def assign(self, x0: Tensor, prompts: Sequence[str]) -> Tensor:
-        "The component each sample belongs to: max responsibility at σ = 0 (B,) long."
-        return self.responsibilities(x0, 0.0, prompts).argmax(1).cpu()
-
-    def sample(self, prompts: Sequence[str], generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        "Exact samples from the mixture: (x₀ (B, C, h, w) in `dtype`, component indices (B,))."
-        w = self.log_weights(prompts).exp().cpu()
-        comp = torch.multinomial(w, 1, generator=generator)[:, 0]
-        z = torch.randn(len(prompts), self.means.shape[1], generator=generator, dtype=torch.float64)
-        x0 = self.means.cpu()[comp] + self.spec.std * z
-        return x0.reshape(-1, *self.spec.latent_shape).to(self.device, self.dtype), comp
-
-# %% ../nbs/09_exact_teacher.ipynb #0541a64c
-def mc_velocity(teacher: ExactGMMTeacher, x: Tensor, sigma: float, prompt: str, n: int = 200_000, seed: int = 0) -> tuple[Tensor, float]:
-    "Importance-sampled E[ε − x₀ | x_σ = x] for one point (prior proposal), and the effective sample size."
-    g = torch.Generator().manual_seed(seed)
-    x0, _ = teacher.sample([prompt] * n, generator=g)
-    x0 = x0.double().flatten(1).cpu()
-    xf = x.double().flatten().cpu()
-    eps = (xf - (1 - sigma) * x0) / sigma
-    logw = -(eps ** 2).sum(1) / 2                      # N(x; (1−σ)x₀, σ²) up to a constant
-    w = torch.softmax(logw, 0)
-    return (w[:, None] * (eps - x0)).sum(0).reshape(x.shape), float(1 / (w ** 2).sum())
 
 # %% ../nbs/09_exact_teacher.ipynb #251fb0a1
 class ExactPair:
@@ -338,7 +61,6 @@ def sample_prompts(pair, prompts: Sequence[str], seeds: Sequence[int], model: st
 def nll_per_dim(teacher: ExactGMMTeacher, x0: Tensor, prompts: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
     "−log p(x₀ | prompt) / D under the true mixture: mean, 95% bootstrap CI, and per-sample values."
     vals = (-teacher.log_prob(x0, prompts) / teacher.spec.D).cpu().numpy()
-    from opd.eval import bootstrap_ci
     ci = bootstrap_ci(vals, n_boot, seed)
     return dict(nll=float(vals.mean()), nll_lo=ci.lo, nll_hi=ci.hi, values=vals)
 
@@ -373,41 +95,6 @@ def exact_step_kl(engine: RolloutEngine, batch: PromptBatch, skip_last: Optional
     path = kl[:, : tb.K - skip].sum(1).mean()
     D = tb.states[0, 0].numel()
     return dict(kl_per_step=kl.mean(0).numpy(), kl_path=float(path), kl_path_per_dim=float(path / D))
-
-# %% ../nbs/09_exact_teacher.ipynb #fadbde5a
-_SPEC_KEYS = {"modes": ("modes_per_category", int), "std": ("std", float), "scale": ("scale", float),
-              "words": ("word_strength", float), "floor": ("floor", float), "seed": ("seed", int)}
-EXACT_SPEC_HELP = "exact:gmm or exact:gmm:key=value,... with keys " + ", ".join(_SPEC_KEYS)
-
-def is_exact_spec(spec) -> bool: return str(spec).strip().startswith("exact:")
-
-def parse_exact_spec(spec: str, latent_shape: Optional[tuple] = None, field: str = "model.teacher") -> GMMSpec:
-    "`exact:gmm[:k=v,...]` → `GMMSpec` (in `latent_shape` if given)."
-    s = str(spec).strip()
-    parts = s.split(":", 2)
-    if len(parts) < 2 or parts[0] != "exact" or parts[1] != "gmm": raise OpdError(field, s, EXACT_SPEC_HELP)
-    kw = {}
-    for item in filter(None, (parts[2] if len(parts) == 3 else "").split(",")):
-        k, _, v = item.partition("=")
-        if k.strip() not in _SPEC_KEYS or not v: raise OpdError(field, s, EXACT_SPEC_HELP)
-        name, typ = _SPEC_KEYS[k.strip()]
-        try: kw[name] = typ(v)
-        except ValueError: raise OpdError(field, s, msg=f"{field}={s!r}: {k}={v!r} is not a {typ.__name__}") from None
-    if latent_shape is not None: kw["latent_shape"] = tuple(latent_shape)
-    return GMMSpec(**kw)
-
-def build_exact_pair(cfg: Config, device=None, cache_dir=None, spec: Optional[GMMSpec] = None, base: str = "random:tiny"):
-    "A `ModelPair` from `cfg` whose teacher is the exact GMM (`cfg.model.teacher = exact:gmm…`, or `spec`)."
-    from opd.models import load_models
-    m = cfg.model
-    if str(m.student).startswith("prune:"):
-        raise OpdError("model.student", m.student, msg=f"model.student={m.student!r} cannot prune an exact teacher; allowed: random:<arch>, a hub id or a local folder")
-    gspec = spec or parse_exact_spec(m.teacher if is_exact_spec(m.teacher) else "exact:gmm")
-    base_cfg = cfg.model_copy(update={"model": m.model_copy(update={"teacher": base})})
-    pair = load_models(base_cfg, device=device, cache_dir=cache_dir)
-    pair.teacher = ExactGMMTeacher(replace(gspec, latent_shape=tuple(pair.latent_shape)), device=pair.device)
-    pair.cfg = cfg
-    return pair
 
 # %% ../nbs/09_exact_teacher.ipynb #bceff30a
 @dataclass
@@ -460,13 +147,6 @@ def reference_metrics(pair, ev: ExactEvalSet, n_boot: int = 1000, min_expected: 
             "data": sample_metrics(pair.teacher, x_data, P, n_boot, min_expected)}, x_data
 
 # %% ../nbs/09_exact_teacher.ipynb #b924fb55
-def _register_student():
-    from opd.models import ARCHS, TINY_TRANSFORMER, register_arch
-    if "tiny-exact-student" not in ARCHS:
-        register_arch("tiny-exact-student", replace(ARCHS["tiny-student"], desc="tiny student for the exact teacher: 2 blocks, inner width 128",
-                      transformer=TINY_TRANSFORMER | dict(num_layers=2, attention_head_dim=32, caption_projection_dim=128)))
-_register_student()
-
 def exact_config(*overrides: str, stage: str = "toy") -> Config:
     "`stage` (default `toy`) with `overrides`; its teacher must be exact (`exact:gmm…`): the metrics need the true mixture."
     cfg = load_config(stage, overrides=list(overrides))

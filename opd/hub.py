@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-from .models import SD35_LARGE, SD35_MEDIUM, _seeded, derive_init_seed, tiny_tokenizer
+from .models import SD35_LARGE, SD35_MEDIUM, quiet_saving, seeded, derive_init_seed, tiny_tokenizer
 
 # %% ../nbs/13_hub.ipynb #9a3eb849
 LARGE, MEDIUM = "stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium"
@@ -106,10 +106,10 @@ def build_replica(repo: str,       # `LARGE` or `MEDIUM`
     t5_tok = t5_tokenizer(seed=seed)
     encs = []
     for i, c in enumerate(REPLICA_CLIP):
-        with _seeded(derive_init_seed(seed, "hub", "clip", i)): encs.append(CLIPTextModelWithProjection(CLIPTextConfig(**ids, **c)))
-    with _seeded(derive_init_seed(seed, "hub", "t5")): t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **REPLICA_T5))
-    with _seeded(derive_init_seed(seed, "hub", "vae")): vae = AutoencoderKL(**REPLICA_VAE)
-    with _seeded(derive_init_seed(seed, "hub", repo)): tr = SD3Transformer2DModel(**replica_transformer_config(repo))
+        with seeded(derive_init_seed(seed, "hub", "clip", i)): encs.append(CLIPTextModelWithProjection(CLIPTextConfig(**ids, **c)))
+    with seeded(derive_init_seed(seed, "hub", "t5")): t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **REPLICA_T5))
+    with seeded(derive_init_seed(seed, "hub", "vae")): vae = AutoencoderKL(**REPLICA_VAE)
+    with seeded(derive_init_seed(seed, "hub", repo)): tr = SD3Transformer2DModel(**replica_transformer_config(repo))
     with tempfile.TemporaryDirectory(prefix="opd-clip-tok-") as tmp:      # tokenizer_2: the same vocabulary, padded with "!"
         clip.save_pretrained(tmp)
         clip_2 = CLIPTokenizer.from_pretrained(tmp, pad_token="!")
@@ -180,9 +180,7 @@ def write_hub_replica(out,                   # the hub cache folder (what HF_HUB
     for repo in tqdm(REPOS, desc="hub replicas", disable=not progress):
         with tempfile.TemporaryDirectory(dir=out, prefix=".opd-replica-") as tmp:
             pipe = build_replica(repo, seed)
-            level = dlog.get_verbosity(); dlog.set_verbosity_error()
-            try: pipe.save_pretrained(tmp)
-            finally: dlog.set_verbosity(level)
+            with quiet_saving(): pipe.save_pretrained(tmp)
             write_atomic(Path(tmp) / "model_index.json", json.dumps(MODEL_INDEX, indent=2) + "\n")
             for sub in ("tokenizer", "tokenizer_2"): clip_vocab_files(getattr(pipe, sub), Path(tmp) / sub)
             for f in Path(tmp).glob("tokenizer*/tokenizer_config.json"):     # transformers records HF_HUB_OFFLINE there; the real repos do not

@@ -17,8 +17,9 @@ from .config import DistillConfig, OpdError
 from .rollout import TrajectoryBatch, sde_step, sde_std
 
 # %% auto #0
-__all__ = ['gaussian_kl', 'per_step_kl', 'kl_weight', 'kl_weight_closed_form', 'velocity_mse', 'eps_mse', 'final_latent_mse',
-           'loss_weights', 'LossBreakdown', 'RewardComputer']
+__all__ = ['kl_weight', 'kl_weight_closed_form', 'gaussian_kl', 'per_step_kl', 'step_weights', 'step_weight_closed_form',
+           'per_sample_mse', 'velocity_mse', 'eps_mse', 'final_latent_mse', 'loss_weights', 'LossBreakdown',
+           'RewardComputer']
 
 # %% ../nbs/04_losses.ipynb #eca3e22b
 def gaussian_kl(mean_s: Tensor, mean_t: Tensor, std) -> Tensor:
@@ -35,21 +36,27 @@ def per_step_kl(tb: TrajectoryBatch) -> Tensor:
     return torch.stack([gaussian_kl(tb.student_mean[:, k], tb.teacher_mean[:, k], tb.std[k]) for k in range(tb.K)], 1).cpu()
 
 # %% ../nbs/04_losses.ipynb #a1ca1310
-def kl_weight(sigma, sigma_next, noise_level: float) -> Tensor:
-    "λ(σ, σ'): KL_k = λ·‖v_S − v_T‖² (general form, via the step's own g; valid at σ = 1 too)."
+def step_weights(sigma, sigma_next, noise_level: float) -> Tensor:
+    "The per-step factor λ_k = λ(σ, σ'): KL_k = λ_k·‖v_S − v_T‖² (general form, via the step's own g; valid at σ = 1 too)."
     sig = torch.as_tensor(sigma, dtype=torch.float32); nxt = torch.as_tensor(sigma_next, dtype=torch.float32)
     g, s = sde_std(sig.reshape(-1), nxt.reshape(-1), noise_level, sig.reshape(-1))
     c = (1 + g**2 * (1 - sig.reshape(-1)) / (2 * sig.reshape(-1))) * (sig.reshape(-1) - nxt.reshape(-1))
     return (c**2 / (2 * s**2)).reshape(sig.shape)
 
-def kl_weight_closed_form(sigma: float, sigma_next: float, a: float) -> float:
+def step_weight_closed_form(sigma: float, sigma_next: float, a: float) -> float:
     "(1 + a²/2)²·|Δ|·(1 − σ) / (2a²σ), for σ < 1."
     return (1 + a**2 / 2) ** 2 * (sigma - sigma_next) * (1 - sigma) / (2 * a**2 * sigma)
 
+kl_weight, kl_weight_closed_form = step_weights, step_weight_closed_form   # deprecated names (`kl_weight` clashed with `distill.kl_weight`)
+
 # %% ../nbs/04_losses.ipynb #0b6298b9
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    "Per-sample mean squared difference of two batches (B, …): the one body of every MSE below."
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
 def velocity_mse(v_s: Tensor, v_t: Tensor) -> Tensor:
     "Per-sample mean of (v_S − v_T)²."
-    return (v_s.float() - v_t.float()).pow(2).flatten(1).mean(1)
+    return per_sample_mse(v_s, v_t)
 
 def eps_mse(v_s: Tensor, v_t: Tensor, sigma) -> Tensor:
     "Per-sample mean of ((1 − σ)(v_S − v_T))² = ‖ε̂_S − ε̂_T‖² per dim."
@@ -58,7 +65,7 @@ def eps_mse(v_s: Tensor, v_t: Tensor, sigma) -> Tensor:
 
 def final_latent_mse(a: Tensor, b: Tensor) -> Tensor:
     "Per-sample mean squared difference of two batches of final latents."
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return per_sample_mse(a, b)
 
 # %% ../nbs/04_losses.ipynb #eff5fde3
 def loss_weights(cfg: DistillConfig, step: int) -> dict:
@@ -126,7 +133,7 @@ class RewardComputer:
             mean_s = sde_step(x, v_s, sig, nxt, a, noise=torch.zeros_like(x)).mean
             kl = gaussian_kl(mean_s, tb.teacher_mean[bs, ks].to(dev), tb.std[ks].to(dev))
             if self.cfg.kl_step_clip is not None:
-                lam = kl_weight(sig.cpu(), nxt.cpu(), a).to(dev)
+                lam = step_weights(sig.cpu(), nxt.cpu(), a).to(dev)
                 kl = kl * torch.clamp(self.cfg.kl_step_clip / lam, max=1.0)
         else:
             kl = zero.expand(len(ks))

@@ -375,7 +375,7 @@ _NOTES = {"teacher weights": "model.dtype, + fp32 position-embedding buffer", "s
 
 def plan_table(plan: MemoryPlan) -> str:
     "Markdown: components, phases, verdict and suggestions."
-    from opd.bench import _fmt_table
+    from opd.stats import md_table
     e = plan.estimate
     c = e.case
     head = (f"**{c.name}** — {c.resolution} px, {c.image_tokens}+{c.text_tokens} tokens, {c.train_states} trained states "
@@ -383,14 +383,14 @@ def plan_table(plan: MemoryPlan) -> str:
             f"{'LoRA ' + f'{c.lora_params / 1e6:.1f} M' if c.lora_params else 'full FT ' + f'{c.student.params / 1e9:.2f} B'} trainable, "
             f"{'grad. checkpointing' if c.gradient_checkpointing else 'no checkpointing'}, AdamW {c.adamw}")
     rows = [[k, _fmt(v), _NOTES.get(k, "")] for k, v in e.components.items() if v > 0]
-    out = [head, "", _fmt_table(rows, ["component", "size", "note"]), ""]
+    out = [head, "", md_table(rows, ["component", "size", "note"]), ""]
     rows = [[k + (" ← peak" if k == e.peak_phase else ""), _fmt(v)] for k, v in e.phases.items()]
-    out += [_fmt_table(rows, ["phase", "allocated"]), "", plan.verdict()]
+    out += [md_table(rows, ["phase", "allocated"]), "", plan.verdict()]
     if not plan.fits:
         if plan.suggestions:
             rows = [[" ".join(f"--set {k}={v}" for k, v in s["set"].items()), _fmt(s["peak_gib"]), _fmt(s["saves_gib"]), "yes" if s["fits"] else "no"]
                     for s in sorted(plan.suggestions, key=lambda s: s["peak_gib"])]
-            out += ["", _fmt_table(rows, ["knob", "new peak", "saves", "fits alone"])]
+            out += ["", md_table(rows, ["knob", "new peak", "saves", "fits alone"])]
         out += ["", ("fits with: " + " ".join(f"--set {k}={v}" for k, v in plan.combination.items())) if plan.combination
                 else "no combination of these knobs fits: lower model.resolution or use a larger GPU"]
     return "\n".join(out)

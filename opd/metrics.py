@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import OpdError
-from .rollout import derive_seed
+from .stats import bootstrap_indices, derive_seed
 from .samples import ARMS      # teacher, before, after: the samples contract
 
 # %% auto #0
@@ -31,8 +31,8 @@ __all__ = ['TINY', 'IMAGE_METRICS', 'SET_METRICS', 'METRIC_NAMES', 'TINY_STAGES'
            'weight_spec', 'sha256_of', 'resolve_weights', 'stand_in_dir', 'register_tiny_hps', 'AestheticMLP',
            'TinyInception', 'make_stand_in', 'Scorer', 'load_pickscore', 'load_hpsv2', 'load_aesthetic',
            'FeatureExtractor', 'load_inception', 'MetricSuite', 'load_metrics', 'fid_from_grams', 'kid_from_kernels',
-           'fid', 'kid', 'bootstrap_indices', 'gap_from_replicates', 'gap_closed', 'score_images', 'set_metric_summary',
-           'gap_cell', 'gap_headline', 'plot_gap_closed', 'metric_flops', 'metric_cost_table']
+           'fid', 'kid', 'gap_from_replicates', 'gap_closed', 'score_images', 'set_metric_summary', 'gap_cell',
+           'gap_headline', 'plot_gap_closed', 'metric_flops', 'metric_cost_table']
 
 # %% ../nbs/14_metrics.ipynb #70a857da
 TINY = "tiny-random"
@@ -186,13 +186,13 @@ def _atomic_dir(final: Path, build) -> Path:
 
 def _tiny_clip_folder(tmp: Path, projection_dim: int, seed: int):
     from transformers import CLIPConfig, CLIPModel, CLIPImageProcessor, CLIPProcessor
-    from opd.models import tiny_tokenizer
+    from opd.models import quiet_saving, tiny_tokenizer
     tok = tiny_tokenizer()
     ids = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(CLIPConfig(text_config=dict(_TINY_CLIP_TEXT, **ids), vision_config=_TINY_CLIP_VISION, projection_dim=projection_dim))
-    model.save_pretrained(tmp)
+    with quiet_saving(): model.save_pretrained(tmp)
     CLIPProcessor(image_processor=CLIPImageProcessor(**_CLIP_PROC), tokenizer=tok).save_pretrained(tmp)
 
 def make_stand_in(key: str, cache_dir=None) -> Path:
@@ -401,10 +401,6 @@ def kid(x: np.ndarray, y: np.ndarray) -> float:
     return kid_from_kernels(k(x, x), k(y, y), k(x, y))
 
 # %% ../nbs/14_metrics.ipynb #29aff2cb
-def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    "(n_boot, n) prompt indices drawn with replacement — `opd.eval.bootstrap_ci`'s resampling, shared by every arm."
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
 def gap_from_replicates(teacher: float, before: float, after: float, reps: np.ndarray, level: float = 0.95) -> dict:
     "Gap closed and its percentile CI from point values and bootstrap replicates `reps` (n_boot, 3: teacher, before, after)."
     nan = float("nan")

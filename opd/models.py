@@ -7,6 +7,7 @@ Docs: https://opd-dev.github.io/opd/models.html.md"""
 # %% ../nbs/02_models.ipynb #17fea832
 from __future__ import annotations
 import copy, gc, hashlib, json, os, re, shutil, socket, sys, time, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from collections import Counter
 from functools import lru_cache
@@ -15,78 +16,73 @@ from typing import Callable, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import Config, OpdError
+from .stats import derive_seed
+from .gmm import ExactGMMTeacher, GMMSpec, is_exact_spec, parse_exact_spec
+from .text import (TextCache, TextEmbeddings, TextEncoders, sha_hex, text_folder_fingerprint, tiny_tokenizer, train_bpe)
 
 # %% auto #0
 __all__ = ['TINY_TRANSFORMER', 'TINY_VAE', 'TINY_TEXT', 'SD35_MEDIUM', 'SD35_LARGE', 'SD3_VAE', 'WIDE_TEXT', 'ARCHS', 'DTYPES',
-           'LORA_TARGETS', 'COMPILE_TARGETS', 'TextEmbeddings', 'Arch', 'check_arch', 'register_arch',
-           'arch_param_counts', 'train_bpe', 'tiny_tokenizer', 'derive_init_seed', 'build_transformer', 'build_vae',
-           'build_text_encoders', 'ModelSpec', 'parse_spec', 'hub_offline', 'FlowModel', 'prune_transformer',
-           'add_lora', 'lora_state_dict', 'latent_space', 'check_compatible', 'TextEncoders', 'random_text_encoders',
-           'pretrained_text_encoders', 'TextCache', 'text_stack', 'text_stack_diff', 'check_sources', 'resolve_device',
-           'ModelPair', 'load_models', 'time_forward', 'compile_unavailable', 'compile_blocks', 'compile_pair',
-           'to_uint8', 'save_png', 'load_student_pipeline']
+           'LORA_TARGETS', 'COMPILE_TARGETS', 'FlowModel', 'Arch', 'check_arch', 'register_arch', 'arch_param_counts',
+           'derive_init_seed', 'seeded', 'build_transformer', 'build_vae', 'build_text_encoders', 'ModelSpec',
+           'parse_spec', 'hub_offline', 'prune_transformer', 'add_lora', 'lora_state_dict', 'latent_space',
+           'check_compatible', 'random_text_encoders', 'pretrained_text_encoders', 'text_stack', 'text_stack_diff',
+           'check_sources', 'resolve_device', 'ModelPair', 'load_models', 'build_exact_pair', 'time_forward',
+           'compile_unavailable', 'compile_blocks', 'compile_pair', 'to_uint8', 'save_png', 'quiet_saving',
+           'load_student_pipeline']
 
 # %% ../nbs/02_models.ipynb #4d4f95d5
 import diffusers, transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-# %% ../nbs/02_models.ipynb #3de50ef3
-def _rows(idx, n: int):
-    "An index (int, slice, list, tensor) → something that keeps the batch dimension."
-    if isinstance(idx, int):
-        if not -n <= idx < n: raise IndexError(f"index {idx} out of range for a batch of {n}")
-        idx %= n; return slice(idx, idx + 1)
-    if isinstance(idx, (list, tuple)): return torch.as_tensor(idx, dtype=torch.long)
-    return idx
+# %% ../nbs/02_models.ipynb #f1a68f23
+class FlowModel:
+    "A flow-matching denoiser: `velocity(x, σ, emb)` around one SD3 transformer."
+    def __init__(self, transformer: nn.Module, name: str = ""):
+        self.transformer, self.name = transformer, name
 
-@dataclass
-class TextEmbeddings:
-    "SD3 text conditioning for a batch: `prompt_embeds` (B, L, D), `pooled` (B, P), and optionally the prompts."
-    prompt_embeds: Tensor
-    pooled: Tensor
-    prompts: Optional[list[str]] = None
-
-    def __post_init__(self):
-        if self.prompt_embeds.ndim != 3 or self.pooled.ndim != 2 or len(self.prompt_embeds) != len(self.pooled):
-            raise ValueError(f"TextEmbeddings wants (B, L, D) and (B, P); got {tuple(self.prompt_embeds.shape)} and {tuple(self.pooled.shape)}")
-
-    def __len__(self): return len(self.prompt_embeds)
+    def _ref(self) -> Tensor:
+        "A non-LoRA weight: the dtype/device inputs are cast to."
+        return self.transformer.proj_out.weight if hasattr(self.transformer, "proj_out") else next(self.transformer.parameters())
     @property
-    def device(self): return self.prompt_embeds.device
+    def dtype(self) -> torch.dtype: return self._ref().dtype
     @property
-    def dtype(self): return self.prompt_embeds.dtype
+    def device(self) -> torch.device: return self._ref().device
+    @property
+    def config(self): return self.transformer.config
 
-    def to(self, device=None, dtype=None) -> TextEmbeddings:
-        return TextEmbeddings(self.prompt_embeds.to(device=device, dtype=dtype), self.pooled.to(device=device, dtype=dtype), self.prompts)
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+    def num_parameters(self, trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.transformer.parameters() if p.requires_grad or not trainable)
 
-    def __getitem__(self, idx) -> TextEmbeddings:
-        "A sub-batch (an int gives a batch of one)."
-        r = _rows(idx, len(self))
-        ps = None
-        if self.prompts is not None:
-            ps = [self.prompts[i] for i in torch.arange(len(self))[r].reshape(-1).tolist()]
-        return TextEmbeddings(self.prompt_embeds[r], self.pooled[r], ps)
+    def forward(self, x: Tensor, sigma, emb: TextEmbeddings) -> Tensor:
+        "One transformer call: v(x, σ | emb) in the weights' dtype."
+        dt, dev = self.dtype, self.device
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=dev)
+        sig = sig.expand(len(x)) if sig.ndim == 0 else sig.reshape(-1)
+        return self.transformer(hidden_states=x.to(dev, dt), encoder_hidden_states=emb.prompt_embeds.to(dev, dt),
+                                pooled_projections=emb.pooled.to(dev, dt), timestep=1000 * sig, return_dict=False)[0]   # float32, like the pipeline
 
-    @staticmethod
-    def cat(items: Sequence[TextEmbeddings]) -> TextEmbeddings:
-        ps = None if any(e.prompts is None for e in items) else [p for e in items for p in e.prompts]
-        return TextEmbeddings(torch.cat([e.prompt_embeds for e in items]), torch.cat([e.pooled for e in items]), ps)
+    def velocity(self, x: Tensor, sigma, emb: TextEmbeddings, neg: Optional[TextEmbeddings] = None, guidance: float = 1.0) -> Tensor:
+        "The flow-matching velocity ε − x₀ at x (B, C, h, w), σ (float or (B,)); CFG in one 2B forward when `guidance != 1`."
+        B = len(x)
+        if len(emb) != B: raise ValueError(f"velocity: {len(emb)} text embeddings for {B} latents")
+        if guidance == 1: return self.forward(x, sigma, emb).to(x.dtype)
+        if neg is None: raise ValueError(f"velocity: guidance={guidance} needs `neg` (the empty-prompt embeddings)")
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sig = sig.expand(B) if sig.ndim == 0 else sig.reshape(-1)
+        both = TextEmbeddings.cat([neg.to(emb.device, emb.dtype).expand(B), emb])
+        v_u, v_c = self.forward(torch.cat([x, x]), torch.cat([sig, sig]), both).chunk(2)
+        return (v_u + guidance * (v_c - v_u)).to(x.dtype)
 
-    def repeat_interleave(self, n: int) -> TextEmbeddings:
-        "Each row n times in a row: [a, b] → [a, a, b, b] for n=2 (K states per sample)."
-        ps = None if self.prompts is None else [p for p in self.prompts for _ in range(n)]
-        return TextEmbeddings(self.prompt_embeds.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0), ps)
-
-    def expand(self, n: int) -> TextEmbeddings:
-        "A batch of one broadcast to n rows (the empty prompt for CFG)."
-        if len(self) == n: return self
-        if len(self) != 1: raise ValueError(f"cannot broadcast a batch of {len(self)} text embeddings to {n}")
-        return TextEmbeddings(self.prompt_embeds.expand(n, -1, -1), self.pooled.expand(n, -1), None if self.prompts is None else self.prompts * n)
+    __call__ = velocity
+    def __repr__(self): return f"FlowModel({self.name or type(self.transformer).__name__}, {self.num_parameters():,} params, {self.dtype}, {self.device})"
 
 # %% ../nbs/02_models.ipynb #5f1d3058
 @dataclass(frozen=True)
@@ -123,6 +119,8 @@ ARCHS: dict[str, Arch] = {
     "tiny-student": Arch(TINY_TRANSFORMER | dict(num_layers=2), TINY_VAE, TINY_TEXT, desc="tiny student: 2 blocks"),
     "sd35-medium": Arch(SD35_MEDIUM, SD3_VAE, WIDE_TEXT, desc="SD3.5 Medium shapes, random init"),
     "sd35-large": Arch(SD35_LARGE, SD3_VAE, WIDE_TEXT, desc="SD3.5 Large shapes, random init"),
+    "tiny-exact-student": Arch(TINY_TRANSFORMER | dict(num_layers=2, attention_head_dim=32, caption_projection_dim=128), TINY_VAE, TINY_TEXT,
+                               desc="tiny student for the exact teacher: 2 blocks, inner width 128"),
 }
 
 # %% ../nbs/02_models.ipynb #a0f63499
@@ -157,55 +155,6 @@ def arch_param_counts(name: str) -> dict:
         out["text_encoders"] = sum(_numel(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=vocab, max_position_embeddings=a.tokenizer["max_length"], **c))) for c in a.text)
     return out
 
-# %% ../nbs/02_models.ipynb #0f7ada66
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-def _bytes_to_unicode() -> dict:
-    "GPT-2/CLIP's reversible byte → printable-unicode map: the alphabet of a byte-level BPE."
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs: bs.append(b); cs.append(256 + n); n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-_CLIP_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-def train_bpe(corpus: Sequence[str], n_merges: int) -> list[tuple[str, str]]:
-    "Byte-level BPE merges, CLIP style (`</w>` ends a word): the most frequent pair wins, ties broken by the pair itself."
-    import regex
-    b2u = _bytes_to_unicode()
-    words = Counter("".join(b2u[b] for b in w.encode()) for p in corpus for w in regex.findall(_CLIP_PAT, " ".join(p.lower().split())))
-    seqs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(words)}
-    merges = []
-    for _ in range(n_merges):
-        pairs = Counter()
-        for w, sq in seqs.items():
-            for ab in zip(sq, sq[1:]): pairs[ab] += words[w]
-        if not pairs: break
-        a, b = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        merges.append((a, b))
-        for w, sq in seqs.items():
-            out, i = [], 0
-            while i < len(sq):
-                if i + 1 < len(sq) and sq[i] == a and sq[i + 1] == b: out.append(a + b); i += 2
-                else: out.append(sq[i]); i += 1
-            seqs[w] = tuple(out)
-    return merges
-
-@lru_cache(maxsize=4)
-def tiny_tokenizer(vocab_size: int = 1024, n_prompts: int = 1000, seed: int = 0, max_length: int = 77) -> CLIPTokenizer:
-    "A CLIP BPE tokenizer trained on `generate_prompts(n_prompts, seed)` (deterministic across processes, offline)."
-    from opd.prompts import generate_prompts
-    corpus = [r["prompt"] for r in generate_prompts(n_prompts, seed)]
-    alphabet = sorted(_bytes_to_unicode().values())
-    vocab = {}
-    for c in alphabet:                      # every byte, bare and word-final
-        for t in (c, c + "</w>"): vocab.setdefault(t, len(vocab))
-    merges = train_bpe(corpus, vocab_size - len(vocab) - 2)
-    for a, b in merges: vocab.setdefault(a + b, len(vocab))
-    for sp in (_BOS, _EOS): vocab[sp] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
 # %% ../nbs/02_models.ipynb #568130f4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # diffusers renamed `torch_dtype` to `dtype` (the old name warns); use whichever this version takes
@@ -213,9 +162,9 @@ _DTYPE_KW = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtyp
 
 def derive_init_seed(*parts) -> int:
     "A 31-bit seed from any parts (run seed, role, arch)."
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") >> 1
+    return derive_seed(*parts) % 2**31   # the low 31 bits of `derive_seed`: the same numbers as the 4-byte hash it replaced
 
-class _seeded:
+class seeded:
     "Fork torch's RNG (CPU and the target CUDA device), seed it, and set a default dtype/device for module construction."
     def __init__(self, seed: int, device="cpu", dtype=torch.float32):
         self.seed, self.device, self.dtype = seed, torch.device(device), dtype
@@ -228,12 +177,14 @@ class _seeded:
     def __exit__(self, *exc):
         self._dev.__exit__(*exc); torch.set_default_dtype(self._dt); self._fork.__exit__(*exc)
 
+_seeded = seeded   # deprecated: the old private name
+
 def build_transformer(config: dict, seed: int, device="cpu", dtype=torch.float32) -> SD3Transformer2DModel:
     "A random-init SD3 transformer, built on `device` in `dtype` (buffers stay float32)."
-    with _seeded(seed, device, dtype): return SD3Transformer2DModel(**config)
+    with seeded(seed, device, dtype): return SD3Transformer2DModel(**config)
 
 def build_vae(config: dict, seed: int, device="cpu", dtype=torch.float32) -> AutoencoderKL:
-    with _seeded(seed, device, dtype): return AutoencoderKL(**config)
+    with seeded(seed, device, dtype): return AutoencoderKL(**config)
 
 def build_text_encoders(arch: Arch, seed: int, device="cpu", dtype=torch.float32):
     "The two random CLIP encoders of `arch` and their (shared) tokenizer."
@@ -242,7 +193,7 @@ def build_text_encoders(arch: Arch, seed: int, device="cpu", dtype=torch.float32
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     encs = []
     for i, c in enumerate(arch.text):
-        with _seeded(derive_init_seed(seed, "text", i), device, dtype):
+        with seeded(derive_init_seed(seed, "text", i), device, dtype):
             encs.append(CLIPTextModelWithProjection(CLIPTextConfig(**ids, **c)))
     return encs, tok
 
@@ -268,8 +219,6 @@ def parse_spec(spec: str, field: str = "model.teacher") -> ModelSpec:
         return ModelSpec("exact", s.split(":", 1)[1], s)
     if s.startswith("random:"):
         arch = s.split(":", 1)[1]
-        if arch not in ARCHS:
-            import opd.exact  # noqa: F401 — registers the exact-teacher testbed's student architecture
         if arch not in ARCHS: raise OpdError(field, s, ", ".join(f"random:{a}" for a in ARCHS))
         return ModelSpec("random", arch, s)
     if s.startswith("prune:"):
@@ -339,50 +288,6 @@ def _local_layout(spec: ModelSpec) -> str:
     if (p / "transformer" / "config.json").is_file(): return "opd"
     return "unknown"
 
-# %% ../nbs/02_models.ipynb #f1a68f23
-class FlowModel:
-    "A flow-matching denoiser: `velocity(x, σ, emb)` around one SD3 transformer."
-    def __init__(self, transformer: nn.Module, name: str = ""):
-        self.transformer, self.name = transformer, name
-
-    def _ref(self) -> Tensor:
-        "A non-LoRA weight: the dtype/device inputs are cast to."
-        return self.transformer.proj_out.weight if hasattr(self.transformer, "proj_out") else next(self.transformer.parameters())
-    @property
-    def dtype(self) -> torch.dtype: return self._ref().dtype
-    @property
-    def device(self) -> torch.device: return self._ref().device
-    @property
-    def config(self): return self.transformer.config
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-    def num_parameters(self, trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.transformer.parameters() if p.requires_grad or not trainable)
-
-    def forward(self, x: Tensor, sigma, emb: TextEmbeddings) -> Tensor:
-        "One transformer call: v(x, σ | emb) in the weights' dtype."
-        dt, dev = self.dtype, self.device
-        sig = torch.as_tensor(sigma, dtype=torch.float32, device=dev)
-        sig = sig.expand(len(x)) if sig.ndim == 0 else sig.reshape(-1)
-        return self.transformer(hidden_states=x.to(dev, dt), encoder_hidden_states=emb.prompt_embeds.to(dev, dt),
-                                pooled_projections=emb.pooled.to(dev, dt), timestep=1000 * sig, return_dict=False)[0]   # float32, like the pipeline
-
-    def velocity(self, x: Tensor, sigma, emb: TextEmbeddings, neg: Optional[TextEmbeddings] = None, guidance: float = 1.0) -> Tensor:
-        "The flow-matching velocity ε − x₀ at x (B, C, h, w), σ (float or (B,)); CFG in one 2B forward when `guidance != 1`."
-        B = len(x)
-        if len(emb) != B: raise ValueError(f"velocity: {len(emb)} text embeddings for {B} latents")
-        if guidance == 1: return self.forward(x, sigma, emb).to(x.dtype)
-        if neg is None: raise ValueError(f"velocity: guidance={guidance} needs `neg` (the empty-prompt embeddings)")
-        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        sig = sig.expand(B) if sig.ndim == 0 else sig.reshape(-1)
-        both = TextEmbeddings.cat([neg.to(emb.device, emb.dtype).expand(B), emb])
-        v_u, v_c = self.forward(torch.cat([x, x]), torch.cat([sig, sig]), both).chunk(2)
-        return (v_u + guidance * (v_c - v_u)).to(x.dtype)
-
-    __call__ = velocity
-    def __repr__(self): return f"FlowModel({self.name or type(self.transformer).__name__}, {self.num_parameters():,} params, {self.dtype}, {self.device})"
-
 # %% ../nbs/02_models.ipynb #a94cc726
 def prune_transformer(transformer: SD3Transformer2DModel, keep: Sequence[int], field: str = "model.student_keep") -> SD3Transformer2DModel:
     "A deep copy of `transformer` with only the blocks `keep` (strictly increasing, ending with the last block)."
@@ -436,69 +341,16 @@ def check_compatible(teacher: dict, student: dict, spec: str = "", field: str = 
         raise OpdError(field, spec, msg=f"{field}={spec!r} does not share the teacher's latent/text space: {'; '.join(diff)}; "
                        "allowed: a student with the same VAE latent space (channels, scaling and shift factors) and text widths (joint_attention_dim, pooled_projection_dim)")
 
-# %% ../nbs/02_models.ipynb #3d0435da
-def _sha(*parts) -> str: return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
-
-def _folder_fingerprint(root: Path) -> str:
-    "Configs, tokenizer files and weight-file sizes of a pipeline folder's text components."
-    h = hashlib.sha256()
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(("text_encoder", "tokenizer"))):
-        for f in sorted(sub.rglob("*")):
-            if not f.is_file(): continue
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes() if f.stat().st_size < 4_000_000 and f.suffix in (".json", ".txt", ".model") else str(f.stat().st_size).encode())
-    return h.hexdigest()
-
-@dataclass
-class TextEncoders:
-    "How to load SD3's text stack (lazily), and a fingerprint of it that needs no loading."
-    loader: Callable[[], dict] = field(repr=False)   # → dict(text_encoder=..., tokenizer=..., text_encoder_2=..., tokenizer_2=..., text_encoder_3=..., tokenizer_3=...)
-    fingerprint: str
-    joint_attention_dim: int
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
-    _pipe: Optional[StableDiffusion3Pipeline] = field(default=None, repr=False)
-    calls: int = 0                      # how many encoder calls (batches) ran: a cache hit adds none
-
-    @property
-    def loaded(self) -> bool: return self._pipe is not None
-
-    def load(self):
-        if self._pipe is None:
-            parts = self.loader()
-            # encode_prompt reads transformer.config.joint_attention_dim to zero-fill a missing T5: a config stub suffices
-            stub = _ConfigStub(joint_attention_dim=self.joint_attention_dim, sample_size=128, patch_size=2)
-            self._pipe = StableDiffusion3Pipeline(transformer=stub, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, **parts)
-        return self._pipe
-
-    def free(self):
-        "Drop the encoders (and give their memory back)."
-        self._pipe = None; gc.collect()
-        if torch.cuda.is_available(): torch.cuda.empty_cache()
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], max_sequence_length: int) -> tuple[Tensor, Tensor]:
-        "Encode a batch exactly as the SD3 pipeline does: (B, 77 + max_sequence_length, D), (B, P)."
-        pipe = self.load(); self.calls += 1
-        pe, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=self.device, do_classifier_free_guidance=False,
-                                              max_sequence_length=max_sequence_length)
-        return pe, pooled
-
-class _ConfigStub(nn.Module):
-    "Stands in for the transformer inside a text-only pipeline (only its config is read)."
-    def __init__(self, **config):
-        super().__init__(); self.config = type("Cfg", (), config)()
-
 # %% ../nbs/02_models.ipynb #7ce76d76
 def random_text_encoders(arch: str, seed: int, device="cpu", dtype=torch.float32) -> TextEncoders:
     "The random CLIP pair of `random:<arch>` (no T5), deterministic in `seed`."
     a = ARCHS[arch]
     tok = tiny_tokenizer(**a.tokenizer)
-    vocab_sha = _sha(json.dumps(tok.get_vocab(), sort_keys=True))
+    vocab_sha = sha_hex(json.dumps(tok.get_vocab(), sort_keys=True))
     def loader():
         (e1, e2), t = build_text_encoders(a, derive_init_seed(seed, "text", arch), device, dtype)
         return dict(text_encoder=e1.eval(), tokenizer=t, text_encoder_2=e2.eval(), tokenizer_2=t, text_encoder_3=None, tokenizer_3=None)
-    fp = _sha("random", arch, seed, json.dumps(a.text, sort_keys=True), vocab_sha, str(dtype))
+    fp = sha_hex("random", arch, seed, json.dumps(a.text, sort_keys=True), vocab_sha, str(dtype))
     return TextEncoders(loader, fp, a.transformer["joint_attention_dim"], torch.device(device), dtype)
 
 def _load_index(spec: ModelSpec, field: str) -> dict:
@@ -525,72 +377,9 @@ def pretrained_text_encoders(spec: ModelSpec, field: str, joint_attention_dim: i
         from huggingface_hub import hf_hub_download
         try: commit = Path(hf_hub_download(spec.name, "model_index.json", local_files_only=hub_offline())).parent.name
         except Exception: commit = "unknown"
-        fp = _sha("hub", spec.name, commit, str(dtype))
-    else: fp = _sha("local", _folder_fingerprint(Path(spec.name)), str(dtype))
+        fp = sha_hex("hub", spec.name, commit, str(dtype))
+    else: fp = sha_hex("local", text_folder_fingerprint(Path(spec.name)), str(dtype))
     return TextEncoders(loader, fp, joint_attention_dim, torch.device(device), dtype)
-
-# %% ../nbs/02_models.ipynb #a8aeb3ba
-class TextCache:
-    "Encode each prompt once: memory → disk (`cache_dir`) → the encoders (loaded on the first miss)."
-    def __init__(self, encoders: TextEncoders, max_sequence_length: int, cache_dir=None, device="cpu", batch_size: int = 64):
-        self.encoders, self.max_sequence_length, self.batch_size = encoders, max_sequence_length, batch_size
-        self.device = torch.device(device)
-        self.key = _sha(encoders.fingerprint, max_sequence_length, encoders.dtype)[:16]
-        self.dir = Path(cache_dir) / self.key if cache_dir is not None else None
-        self.mem: dict[str, tuple[Tensor, Tensor]] = {}
-        self.stats = dict(memory=0, disk=0, encoded=0)
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            meta = self.dir / "encoders.json"
-            if not meta.exists(): meta.write_text(json.dumps({"fingerprint": encoders.fingerprint, "max_sequence_length": max_sequence_length, "dtype": str(encoders.dtype)}))
-
-    def _file(self, prompt: str) -> Path: return self.dir / f"{_sha(prompt)[:40]}.safetensors"
-
-    def _disk_get(self, prompt: str):
-        if self.dir is None: return None
-        f = self._file(prompt)
-        if not f.is_file(): return None
-        from safetensors import safe_open
-        with safe_open(str(f), "pt") as fh:
-            if (fh.metadata() or {}).get("prompt") != prompt: return None
-            return fh.get_tensor("prompt_embeds"), fh.get_tensor("pooled")
-
-    def _disk_put(self, prompt: str, pe: Tensor, pooled: Tensor):
-        if self.dir is None: return
-        from safetensors.torch import save_file
-        f = self._file(prompt); tmp = f.with_name(f.name + f".{os.getpid()}.tmp")
-        save_file({"prompt_embeds": pe.contiguous(), "pooled": pooled.contiguous()}, str(tmp), metadata={"prompt": prompt})
-        os.replace(tmp, f)
-
-    def missing(self, prompts: Sequence[str]) -> list[str]:
-        "Prompts found neither in memory nor on disk (disk hits are pulled into memory)."
-        out = []
-        for p in dict.fromkeys(prompts):
-            if p in self.mem: continue
-            hit = self._disk_get(p)
-            if hit is None: out.append(p)
-            else: self.mem[p] = hit; self.stats["disk"] += 1
-        return out
-
-    def fill(self, prompts: Sequence[str], progress: bool = False):
-        "Encode whatever is missing, in batches, and store it."
-        todo = self.missing(prompts)
-        for i in tqdm(range(0, len(todo), self.batch_size), desc="encoding prompts", disable=not progress or not todo, leave=False):
-            chunk = todo[i:i + self.batch_size]
-            pe, pooled = self.encoders(chunk, self.max_sequence_length)
-            for p, a, b in zip(chunk, pe.detach().cpu(), pooled.detach().cpu()):
-                a, b = a.clone(), b.clone()
-                self.mem[p] = (a, b); self._disk_put(p, a, b); self.stats["encoded"] += 1
-        return len(todo)
-
-    def __call__(self, prompts: Sequence[str]) -> TextEmbeddings:
-        prompts = list(prompts)
-        self.fill(prompts)
-        self.stats["memory"] += len(prompts)
-        with torch.inference_mode(False):   # normal tensors even if the caller is in inference mode (they may meet autograd later)
-            pe = torch.stack([self.mem[p][0] for p in prompts]).to(self.device)
-            pooled = torch.stack([self.mem[p][1] for p in prompts]).to(self.device)
-        return TextEmbeddings(pe, pooled, prompts)
 
 # %% ../nbs/02_models.ipynb #5c075e5d
 @dataclass
@@ -754,11 +543,13 @@ class ModelPair:
                 f"shift={self.scheduler.config.shift}, text_encoders_loaded={self.text.encoders.loaded})")
 
 # %% ../nbs/02_models.ipynb #9d0b42f6
-def load_models(cfg: Config, device=None, cache_dir=None) -> ModelPair:
+def load_models(cfg: Config, # its `model` group names the teacher and student specs, dtype, LoRA, resolution
+                device=None, # default `model.device`
+                cache_dir=None, # the text cache's folder (default: in memory only)
+               ) -> ModelPair:
     "Build the `ModelPair` that `cfg.model` describes."
     m = cfg.model
     if str(m.teacher).strip().startswith("exact:"):          # the closed-form Gaussian-mixture teacher (09_exact_teacher)
-        from opd.exact import build_exact_pair
         return build_exact_pair(cfg, device=device, cache_dir=cache_dir)
     dev = resolve_device(device if device is not None else m.device)
     dtype = DTYPES[m.dtype]
@@ -782,7 +573,7 @@ def load_models(cfg: Config, device=None, cache_dir=None) -> ModelPair:
     check_compatible(latent_space(teacher_tr.config, teacher_src.vae.config), s_space, m.student)
     student_tr.requires_grad_(True)
     if lora:   # the adapters' random init from its own seed: the same student whoever calls, whatever the global RNG
-        with _seeded(derive_init_seed(cfg.seed, "lora"), dev, torch.float32): add_lora(student_tr, m.lora_rank, m.lora_alpha, m.lora_targets)
+        with seeded(derive_init_seed(cfg.seed, "lora"), dev, torch.float32): add_lora(student_tr, m.lora_rank, m.lora_alpha, m.lora_targets)
     if m.gradient_checkpointing: student_tr.enable_gradient_checkpointing()
     student_tr.train()
     teacher_src.vae.eval().requires_grad_(False)
@@ -802,6 +593,19 @@ def _check_resolution(pair: ModelPair):
         if res % (f * c.patch_size) or side // c.patch_size > (c.pos_embed_max_size or 10**9):
             hi = (c.pos_embed_max_size or 0) * c.patch_size * f
             raise OpdError("model.resolution", res, f"a multiple of {f * c.patch_size} up to {hi} px for the {name} ({getattr(pair, name).name})")
+
+# %% ../nbs/02_models.ipynb #18e4302e
+def build_exact_pair(cfg: Config, device=None, cache_dir=None, spec: Optional[GMMSpec] = None, base: str = "random:tiny"):
+    "A `ModelPair` from `cfg` whose teacher is the exact GMM (`cfg.model.teacher = exact:gmm…`, or `spec`)."
+    m = cfg.model
+    if str(m.student).startswith("prune:"):
+        raise OpdError("model.student", m.student, msg=f"model.student={m.student!r} cannot prune an exact teacher; allowed: random:<arch>, a hub id or a local folder")
+    gspec = spec or parse_exact_spec(m.teacher if is_exact_spec(m.teacher) else "exact:gmm")
+    base_cfg = cfg.model_copy(update={"model": m.model_copy(update={"teacher": base})})
+    pair = load_models(base_cfg, device=device, cache_dir=cache_dir)
+    pair.teacher = ExactGMMTeacher(replace(gspec, latent_shape=tuple(pair.latent_shape)), device=pair.device)
+    pair.cfg = cfg
+    return pair
 
 # %% ../nbs/02_models.ipynb #f550d7b8
 def time_forward(model: FlowModel, emb: TextEmbeddings, batch: int, latent_shape, reps: int = 5, grad: bool = False,
@@ -876,6 +680,18 @@ def save_png(image: Tensor, path, compress_level: int = 6) -> Path:
 _STUDENT_META = "opd_student.json"
 _TEXT_KEYS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
+@contextmanager
+def quiet_saving():
+    "Silence what `save_pretrained` prints: diffusers' warnings (e.g. \"text_encoder_3=None cannot be saved\": no T5) and transformers' \"Writing model shards\" bars."
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    level, bars = dlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error(); tlog.disable_progress_bar()
+    try: yield
+    finally:
+        dlog.set_verbosity(level)
+        if bars: tlog.enable_progress_bar()
+
 def _base_transformer_copy(tr: SD3Transformer2DModel) -> SD3Transformer2DModel:
     "The transformer without its LoRA layers (a cheap meta-device rebuild of the base weights)."
     sd = {k.replace(".base_layer.", "."): v for k, v in tr.state_dict().items() if "lora_" not in k}
@@ -883,7 +699,8 @@ def _base_transformer_copy(tr: SD3Transformer2DModel) -> SD3Transformer2DModel:
     base.load_state_dict(sd, assign=True, strict=True)
     return base
 
-def _save(self: ModelPair, path, which: str = "student") -> Path:
+@patch
+def save(self: ModelPair, path, which: str = "student") -> Path:
     "Write `which` as diffusers-loadable files under `path`; see `load_student_pipeline`."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     fm = getattr(self, which)
@@ -898,12 +715,9 @@ def _save(self: ModelPair, path, which: str = "student") -> Path:
         parts = self.text.encoders.loader() if not self.text.encoders.loaded else {k: getattr(self.text.encoders._pipe, k) for k in _TEXT_KEYS}
         base_tr = _base_transformer_copy(tr) if lora else tr
         pipe = StableDiffusion3Pipeline(transformer=base_tr, scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config), vae=self.vae, **parts)
-        from diffusers.utils import logging as dlog
-        level = dlog.get_verbosity(); dlog.set_verbosity_error()      # "text_encoder_3=None cannot be saved" is expected: no T5
-        try: pipe.save_pretrained(path)
-        finally: dlog.set_verbosity(level)
+        with quiet_saving(): pipe.save_pretrained(path)
     elif write_base_tr:
-        (_base_transformer_copy(tr) if lora else tr).save_pretrained(path / "transformer")
+        with quiet_saving(): (_base_transformer_copy(tr) if lora else tr).save_pretrained(path / "transformer")
     if lora:
         cfgd = tr.peft_config["default"].to_dict()
         meta = {k: (list(v) if isinstance(v, (set, tuple)) else v) for k, v in cfgd.items() if k in ("r", "lora_alpha", "target_modules")}
@@ -917,11 +731,10 @@ def _save(self: ModelPair, path, which: str = "student") -> Path:
     (path / _STUDENT_META).write_text(json.dumps(info, indent=2))
     return path
 
-ModelPair.save = _save
-def _save_student(self: ModelPair, path) -> Path:
+@patch
+def save_student(self: ModelPair, path) -> Path:
     "Save the student so `StableDiffusion3Pipeline` can load it (see `load_student_pipeline`)."
     return self.save(path, "student")
-ModelPair.save_student = _save_student
 
 def load_student_pipeline(path, device=None, dtype=None) -> StableDiffusion3Pipeline:
     "A `StableDiffusion3Pipeline` for a folder written by `ModelPair.save_student` (full or LoRA)."

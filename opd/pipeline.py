@@ -46,7 +46,7 @@ def _text_cache(cfg, run_dir, ctx):
     ctx["log"](f"text cache: {n} prompts encoded, encoders freed")
 
 def _teacher_dataset(cfg, run_dir, ctx):
-    from opd.rollout import build_teacher_dataset
+    from opd.teacher_dataset import build_teacher_dataset
     recs = [r for r in _records(cfg, run_dir, ctx) if r.get("split") in ("val", "heldout")]
     build_teacher_dataset(_pair(cfg, run_dir, ctx), cfg, run_dir, recs, "none", batch_size=max(8, cfg.train.batch_size))
 
@@ -194,7 +194,7 @@ def headline(run_dir: Path) -> dict:
     return out
 
 # %% ../nbs/10_pipeline.ipynb #55f87bd4
-NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "02_models", "teacher_dataset": "03_rollout", "distill": "05_train",
+NOTEBOOK_JOBS = {"prompts": "01_prompts", "text_cache": "21_text", "teacher_dataset": "20_teacher_dataset", "distill": "05_train",
                  "eval": "06_eval", "grids": "07_compare", "survey": "08_qualtrics"}
 
 def nbs_dir() -> Path:
@@ -265,8 +265,14 @@ def _eval_prompts(records: list, per_category: int) -> list[str]:
         by.setdefault(r.get("category"), []).append(r["prompt"])
     return [p for ps in by.values() for p in ps[:per_category]]
 
-def run_ablation(cfg: Config, run_dir, arms: Optional[dict] = None, seeds: Optional[Sequence[int]] = None,
-                 progress: bool = True, log=print, min_expected: float = 10.0) -> pd.DataFrame:
+def run_ablation(cfg: Config, # the study's config: `ablation` group, `train.max_steps`, the exact or random teacher
+                 run_dir, # the run directory: results go to run_dir/ablation/
+                 arms: Optional[dict] = None, # arm name → dotted config updates (default: one arm per `ablation.arms` mode)
+                 seeds: Optional[Sequence[int]] = None, # default range(ablation.seeds)
+                 progress: bool = True, # tqdm bar
+                 log=print, # where progress lines go
+                 min_expected: float = 10.0, # a mode is judged (dropped or not) only if its expected sample count reaches this
+                ) -> pd.DataFrame:
     "Train one student per arm and seed for `train.max_steps`, measuring it every `ablation.eval_every` steps; writes `run_dir/ablation/`."
     from tqdm.auto import tqdm
     from opd.exact import ExactGMMTeacher, exact_metrics, make_eval_set, reference_metrics

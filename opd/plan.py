@@ -352,7 +352,7 @@ def plan_json(cfg: Config, mem, tp: dict) -> dict:
 
 def time_table(tp: dict) -> str:
     "Markdown: the predicted time of a run."
-    from opd.bench import _fmt_table
+    from opd.stats import md_table
     h = lambda s: f"{s / 3600:.2f} h" if s >= 360 else f"{s:.0f} s"
     rows = [["training (all steps, monitoring, compile)", h(tp["train_s"])], ["teacher dataset", h(tp["teacher_dataset_s"])],
             ["text encoding (upper bound)", h(tp["text_s"])], [f"evaluation ({tp['eval_samples']} samples)", h(tp["eval_s"])],
@@ -362,7 +362,7 @@ def time_table(tp: dict) -> str:
             f"**{tp['seconds_per_sample']:.2f} s per on-policy sample** (rollout {ph['rollout']:.2f} s, grading {ph['grading']:.2f} s, "
             f"backward {ph['backward']:.2f} s, optimizer {ph['optimizer']:.3f} s per step; grading every state: "
             f"{tp['seconds_per_iteration_full_grading']:.2f} s per step), {tp['samples']} samples")
-    return head + "\n\n" + _fmt_table(rows, ["part", "predicted"])
+    return head + "\n\n" + md_table(rows, ["part", "predicted"])
 
 def write_plan(cfg: Config, run_dir, **kw) -> dict:
     "`plan_run` into `run_dir`: memory_plan.json (atomic) and memory_plan.md."

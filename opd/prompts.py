@@ -13,14 +13,15 @@ from .config import (Config, OpdError, cli_main, config_from_args, config_hash, 
                         prepare_run_dir, print_config, run_id, runs_dir, write_atomic)
 
 # %% auto #0
-__all__ = ['GENERATOR_VERSION', 'CATEGORIES', 'STYLES', 'COMPOSITIONS', 'LIGHTING', 'PALETTES', 'SPLITS', 'PROMPT_FIELDS',
-           'PROMPTS_FILE', 'MANIFEST_FILE', 'prompt_seed', 'category_capacity', 'generate_prompts', 'assign_splits',
-           'read_prompts', 'build_prompts', 'prompts_manifest', 'write_prompts', 'prompts_for_run', 'main']
+__all__ = ['GENERATOR_VERSION', 'VOCAB', 'CATEGORIES', 'STYLES', 'COMPOSITIONS', 'LIGHTING', 'PALETTES', 'SPLITS',
+           'PROMPT_FIELDS', 'PROMPTS_FILE', 'MANIFEST_FILE', 'prompt_seed', 'category_capacity', 'generate_prompts',
+           'assign_splits', 'read_prompts', 'build_prompts', 'prompts_manifest', 'write_prompts', 'prompts_for_run',
+           'main']
 
 # %% ../nbs/01_prompts.ipynb #eca3335c
 GENERATOR_VERSION = "1"
 
-_VOCAB = {
+VOCAB = {
     "fashion": dict(advertiser="a fashion label",
         subjects=("a tan leather crossbody bag", "a pair of white leather sneakers", "a chunky knit wool sweater",
                   "a linen summer dress", "a washed denim jacket", "a printed silk scarf", "a pair of aviator sunglasses",
@@ -86,7 +87,8 @@ _VOCAB = {
                   "under a Christmas tree", "at a birthday party", "on a classroom desk")),
 }
 
-CATEGORIES: tuple[str, ...] = tuple(_VOCAB)
+CATEGORIES: tuple[str, ...] = tuple(VOCAB)
+_VOCAB = VOCAB   # deprecated: the old private name
 
 STYLES = ("a studio product photo", "a lifestyle photograph", "a flat vector illustration", "a glossy 3D render",
           "an isometric illustration", "a minimalist poster design", "a watercolor illustration", "a cinematic photograph",
@@ -118,7 +120,7 @@ _TEMPLATES = (
 )
 
 def _dims(category: str) -> tuple:
-    v = _VOCAB[category]
+    v = VOCAB[category]
     return (v["subjects"], v["settings"], STYLES, COMPOSITIONS, LIGHTING, PALETTES)
 
 def category_capacity(category: str) -> int:
@@ -131,7 +133,7 @@ def _render(category: str, combo: tuple, template: str) -> str:
     subject, setting, style, composition, lighting, palette = (d[i] for d, i in zip(_dims(category), combo))
     return template.format(Style=style[0].upper() + style[1:], style=style, subject=subject, setting=setting,
                            composition=composition, lighting=lighting, palette=palette,
-                           advertiser=_VOCAB[category]["advertiser"])
+                           advertiser=VOCAB[category]["advertiser"])
 
 def _category_stream(category: str, seed: int):
     "Endless deterministic stream of distinct prompts of one category (until its capacity)."

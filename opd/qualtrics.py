@@ -21,6 +21,7 @@ from .config import (OpdError, QualtricsConfig, cli_main, config_from_args, conf
 from .config import latest_dir, public_url_problem, redact_url, set_latest, short_hash
 from .samples import (ARMS, SAMPLE_COLUMNS, confined_path, csv_text, make_fake_eval_run, read_csv, read_samples,
                          write_csv)   # the samples contract (chapter 17)
+from .stats import md_table, wilson
 
 # %% auto #0
 __all__ = ['PNG_SIG', 'SAFE_PNG_CHUNKS', 'COMPARISONS', 'CONDITIONS', 'BLANK_PROMPT', 'QUESTION_HTML', 'INSTRUCTED_HTML',
@@ -32,9 +33,8 @@ __all__ = ['PNG_SIG', 'SAFE_PNG_CHUNKS', 'COMPARISONS', 'CONDITIONS', 'BLANK_PRO
            'AdvancedFormat', 'parse_advanced_format', 'forbidden_terms', 'find_leaks', 'check_base_url',
            'read_image_urls', 'build_export', 'SurveyExport', 'survey_key', 'placeholder_warning', 'export_survey',
            'check_export', 'export_parser', 'export_cli', 'export_main', 'status_reason', 'read_qualtrics_csv',
-           'decode_choice', 'read_key', 'make_fake_responses', 'check_export_id', 'score_responses', 'wilson',
-           'win_rates', 'markdown_table', 'plot_win_rates', 'SurveyAnalysis', 'analyze_survey', 'analyze_cli',
-           'analyze_main']
+           'decode_choice', 'read_key', 'make_fake_responses', 'check_export_id', 'score_responses', 'win_rates',
+           'markdown_table', 'plot_win_rates', 'SurveyAnalysis', 'analyze_survey', 'analyze_cli', 'analyze_main']
 
 # %% ../nbs/08_qualtrics.ipynb #c633d77a
 def _rng(seed: int, name: str) -> random.Random:
@@ -805,17 +805,6 @@ def score_responses(resp: pd.DataFrame, key: pd.DataFrame) -> tuple[pd.DataFrame
     cols = ["response_id", "question_id", "condition", "category", "prompt_id", "chosen", "distilled_slot", "win", "chose_a"]
     return pd.DataFrame(trials, columns=cols), pd.DataFrame(parts)
 
-# %% ../nbs/08_qualtrics.ipynb #70630e7a
-def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    "Wilson score interval for a binomial proportion k/n; (nan, nan) when n = 0."
-    if n == 0: return (float("nan"), float("nan"))
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = k / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    lo, hi = center - half, center + half
-    return (0.0 if k == 0 else max(0.0, lo), 1.0 if k == n else min(1.0, hi))   # exact ends (no rounding residue)
-
 # %% ../nbs/08_qualtrics.ipynb #74947f6b
 def win_rates(trials: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     "Per comparison: overall and per-category win rate of the distilled image, with Wilson intervals."
@@ -836,10 +825,9 @@ def win_rates(trials: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
 def markdown_table(table: pd.DataFrame, level: float = 0.95) -> str:
     "The win-rate table as GitHub markdown."
     head = ["comparison", "category", "participants", "n", "wins", "win rate", f"{level:.0%} CI (Wilson)"]
-    L = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 5) + "|"]
-    for r in table.itertuples(index=False):
-        L.append(f"| {r.comparison} | {r.category} | {r.participants} | {r.n} | {r.wins} | {r.win_rate:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] |")
-    return "\n".join(L) + "\n"
+    rows = [[r.comparison, r.category, r.participants, r.n, r.wins, f"{r.win_rate:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]"]
+            for r in table.itertuples(index=False)]
+    return md_table(rows, head) + "\n"
 
 def plot_win_rates(table: pd.DataFrame, path=None):
     "Bar chart of win rates with Wilson intervals, one panel per comparison; saved to `path` if given."

@@ -11,15 +11,17 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import DistillConfig, OpdError
+from .stats import derive_seed
 
 # %% auto #0
-__all__ = ['SDEStep', 'sde_std', 'sde_step', 'GaussianVelocity', 'flow_sigmas', 'sample_generators', 'draw', 'derive_seed',
-           'PromptBatch', 'TrajectoryBatch', 'RolloutEngine', 'trained_states', 'images_per_state',
-           'forwards_per_sample', 'parse_snapshots', 'build_teacher_dataset', 'teacher_dataset_main']
+__all__ = ['SDEStep', 'sde_std', 'sde_step', 'GaussianVelocity', 'flow_sigmas', 'sample_generators', 'draw', 'PromptBatch',
+           'TrajectoryBatch', 'device_time', 'RolloutEngine', 'trained_states', 'images_per_state',
+           'forwards_per_sample', 'x0_hat']
 
 # %% ../nbs/03_rollout.ipynb #c16cd526
 @dataclass
@@ -81,10 +83,6 @@ def draw(gens: list[torch.Generator], shape: tuple, device=None, dtype=torch.flo
     "One standard-normal draw of `shape` per generator, stacked: (B, *shape)."
     return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
 
-def derive_seed(*parts) -> int:
-    "A stable 63-bit seed from any parts (e.g. run seed, step, prompt id)."
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
 # %% ../nbs/03_rollout.ipynb #8f64464b
 @dataclass
 class PromptBatch:
@@ -124,10 +122,12 @@ class TrajectoryBatch:
 # %% ../nbs/03_rollout.ipynb #773bbcdc
 def _flat(t: Tensor) -> Tensor: return t.reshape(-1, *t.shape[2:])
 
-def _now(device) -> float:
+def device_time(device) -> float:
     "Wall clock after the device has finished its queued work."
     if torch.device(device).type == "cuda": torch.cuda.synchronize(device)
     return time.perf_counter()
+
+_now = device_time   # deprecated: the old private name
 
 class RolloutEngine:
     "Student rollouts, teacher grading at the identical states, and teacher/ODE sampling for evaluation."
@@ -148,7 +148,7 @@ class RolloutEngine:
     def _count(self, name, n): self.counts[name] = self.counts.get(name, 0) + n
 
     def _lap(self, name, t0):
-        t = _now(self.device); self.timings[name] = t - t0; return t
+        t = device_time(self.device); self.timings[name] = t - t0; return t
 
     @property
     def device(self): return self.pair.student.device
@@ -230,17 +230,19 @@ class RolloutEngine:
         self._count("teacher_states", int(graded.sum()))
         return v, None if graded.all() else graded
 
-    def means(self, states: Tensor, v: Tensor, noise_level: float) -> tuple[Tensor, Tensor]:
-        "Transition means at states (B, K, …) for velocities v, and the shared std (K,)."
+    def transition(self, states: Tensor, v: Tensor, noise_level: float) -> tuple[Tensor, Tensor]:
+        "The Gaussian transitions at states (B, K, …) for velocities v: their means, and the shared std (K,)."
         B, K = states.shape[:2]
         sig = self.sigmas[:K].repeat(B).to(states.device)
         nxt = self.sigmas[1:K + 1].repeat(B).to(states.device)
         st = sde_step(_flat(states), _flat(v), sig, nxt, noise_level, noise=torch.zeros_like(_flat(states)))
         std = st.std.reshape(B, K, -1)[0, :, 0].float().cpu()
         return st.mean.reshape(states.shape), std
+    means = transition   # deprecated name: it returns the std too
 
 # %% ../nbs/03_rollout.ipynb #4da2a779
-def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None, pairs: Optional[tuple] = None,
+@patch
+def rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None, pairs: Optional[tuple] = None,
              grade_all: bool = True) -> TrajectoryBatch:
     "Roll out `batch` in `mode` (default `distill.mode`); the teacher grades the `pairs` (sample, step) that train, and every other state if `grade_all`."
     mode = mode or self.cfg.mode
@@ -248,7 +250,7 @@ def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None
     self.timings = {"rollout": 0.0, "grading": 0.0}
     self.counts = {"teacher_states": 0}
     B, K = len(batch), self.K
-    t0 = _now(self.device)
+    t0 = device_time(self.device)
     if mode == "mixed":
         coin = random.Random(derive_seed("mixed", *batch.seeds)).random()
         mode = "on_policy" if coin < self.cfg.mixed_lambda else "teacher"
@@ -257,12 +259,12 @@ def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None
         states, noise, v_s, mean_s = self.trajectory(batch, "student", a)
         t0 = self._lap("rollout", t0)
         v_t, graded = self.grade_pairs(states[:, :-1], batch, pairs, grade_all)
-        mean_t, std = self.means(states[:, :-1], v_t, a)
+        mean_t, std = self.transition(states[:, :-1], v_t, a)
     elif mode == "teacher":
         states, noise, v_t, mean_t = self.trajectory(batch, "teacher", a)   # the teacher's own velocities: every state, for free
         self._count("teacher_states", B * K)
         v_s = mean_s = None
-        _, std = self.means(states[:, :-1], v_t, a)
+        _, std = self.transition(states[:, :-1], v_t, a)
     elif mode == "forward":
         x0 = self.trajectory(batch, "teacher", 0.0)[0][:, -1]
         self._count("teacher_states", B * K)
@@ -273,7 +275,7 @@ def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None
         states = torch.cat([noised, x0[:, None]], 1)
         noise = eps
         v_t, graded = self.grade_pairs(noised, batch, pairs, grade_all)
-        mean_t, std = self.means(noised, v_t, a)
+        mean_t, std = self.transition(noised, v_t, a)
         v_s = mean_s = None
     else:
         raise OpdError("distill.mode", mode, "on_policy, teacher, forward, mixed")
@@ -281,15 +283,12 @@ def _rollout(self: RolloutEngine, batch: PromptBatch, mode: Optional[str] = None
     return TrajectoryBatch(states=states, sigmas=self.sigmas.clone(), noise=noise, std=std, teacher_v=v_t, teacher_mean=mean_t,
                            student_v=v_s, student_mean=mean_s, batch=batch, noise_level=a, source=mode, graded=graded)
 
-RolloutEngine.rollout = _rollout
-
 # %% ../nbs/03_rollout.ipynb #7d587b12
+@patch
 @torch.no_grad()
-def _sample(self: RolloutEngine, batch: PromptBatch, model: str = "student", noise_level: float = 0.0) -> Tensor:
+def sample(self: RolloutEngine, batch: PromptBatch, model: str = "student", noise_level: float = 0.0) -> Tensor:
     "Final latents (B, C, h, w) of `model`'s sampler from the batch's per-sample initial noise."
     return self.trajectory(batch, model, noise_level)[0][:, -1]
-
-RolloutEngine.sample = _sample
 
 # %% ../nbs/03_rollout.ipynb #c8bed094
 def trained_states(cfg) -> int:
@@ -320,76 +319,8 @@ def forwards_per_sample(cfg, # a resolved `opd.config.Config`
     teacher = {"on_policy": graded * gt, "teacher": K * gt, "forward": K * gt + graded * gt}[mode]
     return dict(student_rollout=rollout, teacher=teacher, student_train=n * gs)
 
-# %% ../nbs/03_rollout.ipynb #0d85b116
-import json, os
-from pathlib import Path
-
-def parse_snapshots(policy: str, K: int) -> list[int]:
-    "Which trajectory states (0…K) to keep: `none`, `all`, or `every:k` (always including the last)."
-    if policy == "none": return []
-    if policy == "all": return list(range(K + 1))
-    if policy.startswith("every:") and policy[6:].isdigit() and int(policy[6:]) > 0:
-        k = int(policy[6:]); return sorted(set(range(0, K + 1, k)) | {K})
-    raise OpdError("--snapshots", policy, "none, all, every:K (K ≥ 1)")
-
-def build_teacher_dataset(pair, cfg, run_dir, records: list[dict], snapshots: str = "none", batch_size: int = 8, progress: bool = True) -> Path:
-    "Teacher samples for `records` under `run_dir/teacher_dataset/` (resumable); returns the folder."
-    from safetensors.torch import save_file
-    from opd.models import save_png, to_uint8
-    from opd.config import read_jsonl
-    out = Path(run_dir) / "teacher_dataset"
-    (out / "images").mkdir(parents=True, exist_ok=True); (out / "latents").mkdir(exist_ok=True)
-    man = out / "manifest.jsonl"
-    done = {r["prompt_id"] for r in read_jsonl(man, repair=True)}   # a torn last line (a kill) is cut off
-    todo = [r for r in records if r["prompt_id"] not in done]
-    eng = RolloutEngine(pair, cfg.distill)
-    keep = parse_snapshots(snapshots, eng.K)
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="teacher dataset", disable=not progress)
-    for i in range(0, len(todo), batch_size):
-        recs = todo[i:i + batch_size]
-        prompts = [r["prompt"] for r in recs]
-        seeds = [derive_seed(cfg.seed, "teacher_dataset", r["prompt_id"]) for r in recs]
-        batch = PromptBatch([r["prompt_id"] for r in recs], prompts, seeds, pair.encode(prompts))
-        states = eng.trajectory(batch, "teacher", 0.0)[0]
-        imgs = pair.decode(states[:, -1])
-        for j, r in enumerate(recs):
-            stem = r["prompt_id"]
-            tensors = {"final_latent": states[j, -1].float().cpu().contiguous()}
-            if keep: tensors["snapshots"] = states[j, keep].float().cpu().contiguous()
-            save_file(tensors, str(out / "latents" / f"{stem}.safetensors"), metadata={"steps": json.dumps(keep)})
-            save_png(to_uint8(imgs[j:j + 1])[0], out / "images" / f"{stem}.png")
-            line = dict(prompt_id=stem, prompt=r["prompt"], category=r.get("category"), split=r.get("split"), seed=seeds[j],
-                        image=f"images/{stem}.png", latents=f"latents/{stem}.safetensors", snapshot_steps=keep,
-                        sigmas=[round(s, 6) for s in eng.sigmas.tolist()])
-            with open(man, "a") as f: f.write(json.dumps(line) + "\n")
-            bar.update(1)
-    bar.close()
-    return out
-
-# %% ../nbs/03_rollout.ipynb #7cef6740
-def _teacher_dataset_cli(argv=None):
-    from opd.config import config_parser, config_from_args, prepare_run_dir, print_config
-    from opd.models import check_sources, load_models
-    from opd.prompts import prompts_for_run
-    p = config_parser("opd-build-teacher-dataset", "Sample the teacher for every prompt of a run: PNGs, final latents, trajectory snapshots, manifest (resumable).")
-    p.add_argument("--snapshots", default="none", help="trajectory states to keep: none | all | every:K")
-    p.add_argument("--splits", default="train,val,heldout", help="comma-separated prompt splits to sample")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    if args.print_config: return print_config(cfg)
-    parse_snapshots(args.snapshots, cfg.distill.num_steps)          # validate before writing anything
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    bad = [s for s in splits if s not in ("train", "val", "heldout")]
-    if bad or not splits: raise OpdError("--splits", args.splits, "a comma-separated subset of train, val, heldout")
-    check_sources(cfg)                                              # a model spec that cannot work fails before anything is written
-    run_dir = prepare_run_dir(cfg, args.out)
-    records = [r for r in prompts_for_run(cfg, run_dir) if r.get("split", "train") in splits]
-    pair = load_models(cfg, cache_dir=run_dir / "text_cache")
-    pair.precompute([r["prompt"] for r in records])
-    out = build_teacher_dataset(pair, cfg, run_dir, records, args.snapshots, batch_size=max(cfg.train.batch_size, 8))
-    print(out / "manifest.jsonl"); print(out / "images"); print(out / "latents")
-
-def teacher_dataset_main(argv=None):
-    "Console script `opd-build-teacher-dataset`."
-    from opd.config import cli_main
-    return cli_main(_teacher_dataset_cli, argv)
+# %% ../nbs/03_rollout.ipynb #e84b2c1b
+def x0_hat(states: Tensor, v: Tensor, sigmas: Tensor) -> Tensor:
+    "x̂₀ = x − σ·v for states and velocities (B, K, ...) at σ_0..σ_{K-1}."
+    s = sigmas[: states.shape[1]].to(states.device, torch.float32).reshape(1, -1, *([1] * (states.ndim - 2)))
+    return (states.float() - s * v.float()).to(states.dtype)

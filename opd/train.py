@@ -14,18 +14,20 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .config import (Config, OpdError, cli_main, config_from_args, config_hash, stored_config_hash, config_parser, load_config,
                         prepare_run_dir, print_config, repro_keys)
 from .config import Interrupted, read_json, read_jsonl
-from .rollout import PromptBatch, RolloutEngine, derive_seed, _now
+from .rollout import PromptBatch, RolloutEngine, device_time
+from .stats import derive_seed
 from .losses import RewardComputer, final_latent_mse, per_step_kl
 
 # %% auto #0
-__all__ = ['OOM_HELP', 'TrainMetrics', 'PromptStream', 'write_manifest', 'verify_checkpoint', 'list_checkpoints',
-           'latest_valid_checkpoint', 'MetricsLog', 'lr_factor', 'TrainingStopped', 'peak_mem_mb', 'DistillTrainer',
-           'heldout_records', 'heldout_batch', 'finished_summary', 'distill', 'main']
+__all__ = ['OOM_HELP', 'heldout_records', 'heldout_batch', 'TrainMetrics', 'PromptStream', 'write_manifest', 'verify_checkpoint',
+           'list_checkpoints', 'latest_valid_checkpoint', 'MetricsLog', 'lr_factor', 'TrainingStopped', 'peak_mem_mb',
+           'DistillTrainer', 'monitor_records', 'monitor_batch', 'finished_summary', 'distill', 'main']
 
 # %% ../nbs/05_train.ipynb #8b6967f4
 @dataclass
@@ -217,7 +219,8 @@ class DistillTrainer:
     def student(self): return self.pair.student
 
 # %% ../nbs/05_train.ipynb #9a7f17f4
-def _step(self: DistillTrainer, batch) -> TrainMetrics:
+@patch
+def step(self: DistillTrainer, batch) -> TrainMetrics:
     "Rollout → grading → loss → backward for each micro-batch, then clip and AdamW; returns `TrainMetrics`."
     micro = batch if isinstance(batch, (list, tuple)) else [batch]
     tc, acc, dev = self.cfg.train, self.accel, self.accel.device
@@ -236,7 +239,7 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
             t["rollout"] += self.engine.timings["rollout"]; t["grading"] += self.engine.timings["grading"]
             teacher_states += self.engine.counts["teacher_states"]
             if full and tb.student_mean is not None and tb.graded is None: profiles.append(per_step_kl(tb).mean(0))
-            t0 = _now(dev)
+            t0 = device_time(dev)
             sync = j == len(micro) - 1
             ctx = acc.no_sync(self.student.transformer) if not sync and acc.num_processes > 1 else nullcontext()
             with ctx, acc.autocast():
@@ -244,12 +247,12 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
                 loss = lb.total / len(micro)
                 if not torch.isfinite(loss.detach()): finite = False
                 acc.backward(loss)          # always: every process must join the gradient all-reduce
-            t["backward"] += _now(dev) - t0
+            t["backward"] += device_time(dev) - t0
             parts.append(lb); sources.add(tb.source); n += len(mb)
             del tb
     except torch.cuda.OutOfMemoryError:
         raise TrainingStopped(OOM_HELP) from None
-    t0 = _now(dev)
+    t0 = device_time(dev)
     # one decision for all processes: a non-finite loss anywhere poisons the all-reduced gradients everywhere,
     # and the losses' flags are gathered too
     loss_ok = bool(acc.gather(torch.tensor([float(finite)], device=dev)).min() > 0)
@@ -262,7 +265,7 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
         if acc.scaler is not None: self.opt.step()   # fp16: GradScaler skips the update and lowers its scale
         if not loss_ok or acc.scaler is None: self.nonfinite += 1   # an fp16 overflow is the scaler's business, not a bad step
     self.opt.zero_grad(set_to_none=True)
-    t_opt = _now(dev) - t0
+    t_opt = device_time(dev) - t0
     self.global_step += 1
     mean = lambda f: float(np.mean([f(p) for p in parts]))
     m = TrainMetrics(step=self.global_step, total_loss=mean(lambda p: float(p.total.detach())), kl_loss=mean(lambda p: p.kl_loss),
@@ -280,23 +283,22 @@ def _step(self: DistillTrainer, batch) -> TrainMetrics:
                               "the last good checkpoint is kept")
     return m
 
-DistillTrainer.step = _step
-
 # %% ../nbs/05_train.ipynb #50ba78d6
-def heldout_records(records: list[dict], n: int = 8) -> list[dict]:
-    "The prompts of the held-out monitoring batch: the first `n` held-out ones (else validation, else any)."
+def monitor_records(records: list[dict], n: int = 8) -> list[dict]:
+    "The prompts of the monitoring batch: the first `n` held-out ones, else validation ones (a run without held-out categories), else any."
     pool = [r for r in records if r.get("split") == "heldout"] or [r for r in records if r.get("split") == "val"] or records
     return pool[:n]
 
-def heldout_batch(records: list[dict], encode, seed: int, n: int = 8) -> PromptBatch:
+def monitor_batch(records: list[dict], encode, seed: int, n: int = 8) -> PromptBatch:
     "The held-out monitoring batch, with per-prompt seeds `derive_seed(seed, 'heldout', prompt_id)` (evaluation re-creates it)."
-    recs = heldout_records(records, n)
+    recs = monitor_records(records, n)
     prompts = [r["prompt"] for r in recs]
     return PromptBatch([r["prompt_id"] for r in recs], prompts, [derive_seed(seed, "heldout", r["prompt_id"]) for r in recs], encode(prompts))
 
-def _heldout_mse(self: DistillTrainer, n: int = 8) -> float:
+@patch
+def heldout_mse(self: DistillTrainer, n: int = 8) -> float:
     if self._eval_batch is None:
-        self._eval_batch = heldout_batch(self.records, self.pair.encode, self.cfg.seed, n)
+        self._eval_batch = monitor_batch(self.records, self.pair.encode, self.cfg.seed, n)
         self._eval_teacher = self.engine.sample(self._eval_batch, "teacher", 0.0)
     wrapped = self.student.transformer                    # evaluate the bare module: a DDP wrapper may sync on forward
     self.student.transformer = self.accel.unwrap_model(wrapped).eval()
@@ -305,10 +307,12 @@ def _heldout_mse(self: DistillTrainer, n: int = 8) -> float:
     finally: self.student.transformer = wrapped
     return float(final_latent_mse(s, self._eval_teacher).mean())
 
-DistillTrainer.heldout_mse = _heldout_mse
+
+heldout_records, heldout_batch = monitor_records, monitor_batch   # deprecated names: the batch falls back to validation prompts
 
 # %% ../nbs/05_train.ipynb #1c4b8109
-def _save_checkpoint(self: DistillTrainer) -> Path:
+@patch
+def save_checkpoint(self: DistillTrainer) -> Path:
     acc = self.accel
     root = self.run_dir / "checkpoints"
     final = root / f"step-{self.global_step:06d}"
@@ -329,7 +333,8 @@ def _save_checkpoint(self: DistillTrainer) -> Path:
     acc.wait_for_everyone()
     return final
 
-def _resume(self: DistillTrainer, where="auto") -> Optional[Path]:
+@patch
+def resume(self: DistillTrainer, where="auto") -> Optional[Path]:
     "Restore from `where` (`auto` = newest valid checkpoint of this run, or a checkpoint folder)."
     ck = latest_valid_checkpoint(self.run_dir) if where == "auto" else Path(where)
     if ck is None: return None
@@ -346,10 +351,9 @@ def _resume(self: DistillTrainer, where="auto") -> Optional[Path]:
     if self.accel.is_main_process: self.log.truncate(self.global_step)
     return ck
 
-DistillTrainer.save_checkpoint, DistillTrainer.resume = _save_checkpoint, _resume
-
 # %% ../nbs/05_train.ipynb #9a239eaa
-def _train(self: DistillTrainer) -> dict:
+@patch
+def train(self: DistillTrainer) -> dict:
     "Train to `train.max_steps`; returns a summary dict (also written to `train_summary.json`)."
     tc, acc = self.cfg.train, self.accel
     main = acc.is_main_process
@@ -388,7 +392,8 @@ def _train(self: DistillTrainer) -> dict:
     acc.wait_for_everyone()
     return summary
 
-def _save_student(self: DistillTrainer) -> Path:
+@patch
+def save_student(self: DistillTrainer) -> Path:
     "The final student, diffusers-loadable, with the resolved config and reproducibility keys."
     out = self.run_dir / "student"
     tmp = self.run_dir / "student.tmp"
@@ -399,8 +404,6 @@ def _save_student(self: DistillTrainer) -> Path:
     if out.exists(): shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-DistillTrainer.train, DistillTrainer.save_student = _train, _save_student
 
 # %% ../nbs/05_train.ipynb #95b90946
 def finished_summary(cfg: Config, run_dir) -> Optional[dict]:
