@@ -899,9 +899,13 @@ def _save(self: ModelPair, path, which: str = "student") -> Path:
         base_tr = _base_transformer_copy(tr) if lora else tr
         pipe = StableDiffusion3Pipeline(transformer=base_tr, scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config), vae=self.vae, **parts)
         from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
         level = dlog.get_verbosity(); dlog.set_verbosity_error()      # "text_encoder_3=None cannot be saved" is expected: no T5
+        bars = tlog.is_progress_bar_enabled(); tlog.disable_progress_bar()   # no "Writing model shards" bars per text encoder
         try: pipe.save_pretrained(path)
-        finally: dlog.set_verbosity(level)
+        finally:
+            dlog.set_verbosity(level)
+            if bars: tlog.enable_progress_bar()
     elif write_base_tr:
         (_base_transformer_copy(tr) if lora else tr).save_pretrained(path / "transformer")
     if lora:
