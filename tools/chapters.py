@@ -25,7 +25,8 @@ stderr (warnings, progress bars), image bytes (only that an image is there), exe
 Normalisation, so that a run on another machine of the same kind agrees: every decimal number
 (`0.12345`, `1e-05`) rounded to 3 significant digits; numbers followed by a time unit
 (`s`, `ms`, `µs`, `min`, `h`, `it/s`, `s/it`), tqdm's `[00:01<00:02, ...]`, ISO timestamps, `/tmp/...` paths
-`0x...` addresses and hex strings of 12+ digits (git commits, `+dirty`, content hashes) masked. A cell whose text is volatile by nature (e.g. a wall-clock benchmark table)
+`0x...` addresses, hex strings of 12+ digits with a letter (git commits, `+dirty`, content hashes) and free disk
+space (`77.5 GB free`) masked. A cell whose text is volatile by nature (e.g. a wall-clock benchmark table)
 carries the directive `#| volatile`: `check` then only requires that it still has the same kinds of output.
 """
 import argparse, json, os, re, subprocess, sys, tempfile
@@ -106,7 +107,8 @@ _SUBS = [
     (re.compile(r'\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?'), '<timestamp>'),
     (re.compile(r'/tmp/[^\s\'"<>),\]]*'), '<tmp>'),
     (re.compile(r'0x[0-9a-fA-F]{6,}'), '<addr>'),
-    (re.compile(r'(?<![0-9a-f])[0-9a-f]{12,}(?:\+dirty)?(?![0-9a-f])'), '<hash>'),                # git commits, content hashes
+    (re.compile(r'(?<![0-9a-f.])(?=[0-9a-f]*[a-f])[0-9a-f]{12,}(?:\+dirty)?(?![0-9a-f])'), '<hash>'),   # git commits, content hashes
+    (re.compile(r'[\d.]+ ?[KMGT]i?B (free|available)'), '<free space>'),                             # disk space left
     (re.compile(r'(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\s?' + _UNIT), '<time>'),
 ]
 _NUM = re.compile(r'(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][-+]?\d+)?(?![\w.])')
