@@ -20,7 +20,8 @@ JPEG (PIL images) as its PNG only.
 - `no stored outputs`: a chapter with cells that run but no output stored at all (never executed by `run`);
 - `stale`: a cell whose stored text differs from a fresh run's after normalisation (below), or whose kinds of
   output (text / table / image / error) differ; an error raised by a cell is a problem too.
-Compared: stdout streams and the text/plain, text/markdown and text/html of results and displays. Not compared:
+Compared: stdout streams and the text of results and displays (their text/markdown or text/html where they have one,
+else text/plain: pandas' plain view truncates by width). Not compared:
 stderr (warnings, progress bars), image bytes (only that an image is there), execution counts.
 Normalisation, so that a run on another machine of the same kind agrees: every decimal number
 (`0.12345`, `1e-05`) rounded to 3 significant digits; numbers followed by a time unit
@@ -141,7 +142,8 @@ def summary(cell):
         if o.get('output_type') == 'stream': text.append(''.join(o['text']))
         elif k != 'image':
             d = o.get('data', {})
-            text += [''.join(d[m]) for m in _TEXT if m in d]
+            rich = [m for m in _TEXT[1:] if m in d]               # a table's plain text is pandas' truncated view: compare the table
+            text += [''.join(d[m]) for m in (rich or _TEXT[:1]) if m in d]
     return kinds, normalise('\n'.join(text))
 
 def _volatile(src): return re.search(r'^\s*#\s*\|\s*volatile\b', src, re.M) is not None
