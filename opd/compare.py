@@ -33,8 +33,10 @@ __all__ = ['wrap_text', 'grid_size', 'grid_image', 'make_grids', 'TrajectoryFram
 
 # %% ../nbs/07_compare.ipynb #5521783b
 def _font(size: int = 12):
-    try: return ImageFont.load_default(size=size)
-    except TypeError: return ImageFont.load_default()   # Pillow without FreeType: fixed size
+    "DejaVu Sans, the font matplotlib ships (it has é, ü, ß, …), at `size` px; PIL's default font where it cannot be loaded."
+    from matplotlib import font_manager
+    try: return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except OSError: return ImageFont.load_default()
 
 def wrap_text(text: str, font, width: int) -> list[str]:
     "Greedy word wrap of `text` to lines no wider than `width` pixels in `font`."
@@ -184,6 +186,6 @@ def trajectory_strip(frames: TrajectoryFrames, path, steps: Optional[Sequence[in
         ax = axes[r, -1]; ax.set_xticks([]); ax.set_yticks([])
         if r == 0: ax.imshow(frames.final, interpolation="nearest"); ax.set_title("final\n(student)", fontsize=7)
         else: ax.axis("off")
-    fig.suptitle(textwrap.shorten(frames.prompt, 110), fontsize=8)
+    fig.suptitle(textwrap.shorten(frames.prompt, min(110, 24 * n)), fontsize=8)
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
     return Path(path)

@@ -562,20 +562,22 @@ def plot_training_curves(metrics_jsonl, path) -> Optional[Path]:
     if not rows: return None
     df = pd.DataFrame(rows)
     panels = [c for c in ("total_loss", "kl_loss", "mse_loss", "grad_norm", "lr", "heldout_latent_mse") if c in df and df[c].notna().any()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.6), squeeze=False)
-    for ax, c in zip(axes[0], panels):
+    ncol = min(3, len(panels)); nrow = math.ceil(len(panels) / ncol)      # ≤ 3 panels a row: legible at page width
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.4 * nrow), squeeze=False)
+    for ax in list(axes.flat)[len(panels):]: ax.axis("off")
+    for ax, c in zip(axes.flat, panels):
         d = df[["step", c]].dropna()
         ax.plot(d["step"], d[c], ".-" if len(d) < 30 else "-", lw=1)
-        ax.set_title(c, fontsize=9); ax.set_xlabel("step", fontsize=8); ax.tick_params(which="both", labelsize=7)
+        ax.set_title(c, fontsize=10); ax.set_xlabel("step", fontsize=9); ax.tick_params(which="both", labelsize=9)
         if c in ("total_loss", "kl_loss", "mse_loss") and (d[c] > 0).all(): ax.set_yscale("log")
-    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
 def plot_kl_per_step(kl: pd.DataFrame, path, skip_last_steps: int = 0) -> Optional[Path]:
     "Per-step KL along each student's own rollouts, before vs after, one panel per split (steps left out of the loss shaded)."
     if kl.empty: return None
     splits = list(dict.fromkeys(kl["split"]))
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(splits), figsize=(min(4.2 * len(splits), 8.4), 3), squeeze=False, sharey=True)
     for ax, split in zip(axes[0], splits):
         for arm in ("before", "after"):
             d = kl[(kl.split == split) & (kl.arm == arm)]
@@ -585,17 +587,17 @@ def plot_kl_per_step(kl: pd.DataFrame, path, skip_last_steps: int = 0) -> Option
         if skip_last_steps:
             K = int(kl["step"].max()) + 1
             ax.axvspan(K - skip_last_steps - 0.5, K - 0.5, color="0.9", zorder=0, label="not in the loss")
-        ax.set_yscale("log"); ax.set_title(f"{split}: per-step KL (nats)", fontsize=9); ax.set_xlabel("step k (σ_k → σ_k+1)", fontsize=8)
-        ax.legend(fontsize=8); ax.tick_params(which="both", labelsize=7)
-    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+        ax.set_yscale("log"); ax.set_title(f"{split}: per-step KL (nats)", fontsize=10); ax.set_xlabel("step k (σ_k → σ_k+1)", fontsize=9)
+        ax.legend(fontsize=8); ax.tick_params(which="both", labelsize=9)
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
 def plot_metric_bars(summary: pd.DataFrame, path) -> Optional[Path]:
     "One panel per metric: teacher / before / after per split, with 95% CIs."
     if summary.empty: return None
     metrics = list(dict.fromkeys(summary["metric"]))
-    ncol = min(4, len(metrics)); nrow = math.ceil(len(metrics) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), squeeze=False)
+    ncol = min(3, len(metrics)); nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.4 * nrow), squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         d = summary[summary.metric == m].reset_index(drop=True)
         w = 0.27
@@ -604,11 +606,11 @@ def plot_metric_bars(summary: pd.DataFrame, path) -> Optional[Path]:
             xs = np.arange(len(d)) + (a_i - 1) * w
             err = np.array([(d[arm] - d[f"{arm}_lo"]).clip(lower=0).fillna(0), (d[f"{arm}_hi"] - d[arm]).clip(lower=0).fillna(0)])
             ax.bar(xs, d[arm], w, yerr=err, color=_COLORS[arm], label=arm, capsize=2)
-        ax.set_xticks(np.arange(len(d)), d["split"], fontsize=8); ax.set_title(m, fontsize=9); ax.tick_params(labelsize=7)
+        ax.set_xticks(np.arange(len(d)), d["split"], fontsize=9); ax.set_title(m, fontsize=10); ax.tick_params(labelsize=9)
     for ax in list(axes.flat)[len(metrics):]: ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[a]) for a in ARMS]
     fig.legend(handles, ARMS, loc="upper right", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.95)); fig.savefig(path, dpi=120); plt.close(fig)
+    fig.tight_layout(rect=(0, 0, 1, 0.95)); fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
 # %% ../nbs/06_eval.ipynb #2fc0c0b2

@@ -24,7 +24,7 @@ __all__ = ['GiB', 'ACT_BYTES', 'INF_BYTES', 'FRAGMENTATION', 'CONTEXT_GIB', 'SD3
 
 # %% ../nbs/12_memory.ipynb #906ac4bd
 GiB = 2**30
-ACT_BYTES = 63.0        # c: bytes per hidden unit per token per block, bf16 autocast (fitted to DESIGN §4 below)
+ACT_BYTES = 63.0        # c: bytes per hidden unit per token per block, bf16 autocast (fitted to the measured peaks below)
 INF_BYTES = 24.0        # c_inf: transient bytes per hidden unit per token of an inference forward
 FRAGMENTATION = 0.05    # allocator slack on top of the allocated peak
 CONTEXT_GIB = 0.75      # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator counters
@@ -247,7 +247,7 @@ def _case(name, student, teacher=None, **kw) -> MemoryCase:
     return MemoryCase(name, student, teacher, **kw)
 
 def design_cases(act_bytes: float = ACT_BYTES) -> list[tuple[MemoryCase, float, str]]:
-    "DESIGN §4's measured peaks as (case, measured GiB, note)."
+    "The four peaks measured on an H200 (2026-11-24; bf16, eager, random weights at the real shapes) as (case, measured GiB, note)."
     from opd.models import ARCHS
     med = transformer_shape(ARCHS["sd35-medium"].transformer, "sd35-medium")
     lg = transformer_shape(ARCHS["sd35-large"].transformer, "sd35-large")
@@ -273,7 +273,7 @@ def fit_act_bytes(cases: Sequence[tuple[MemoryCase, float]], lo: float = 1.0, hi
     return (lo + hi) / 2
 
 def validation_table(act_bytes: float = ACT_BYTES) -> list[dict]:
-    "Predicted against measured for DESIGN §4's cases."
+    "Predicted against measured for the four measured cases (`design_cases`)."
     rows = []
     for c, m, note in design_cases(act_bytes):
         e = estimate(c)

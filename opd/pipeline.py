@@ -381,13 +381,15 @@ def ablation_report(df: pd.DataFrame, ref: Optional[pd.DataFrame] = None) -> str
 _LABELS = {"nll": "NLL, true mixture (nats/dim)", "tv": "mode TV distance", "dropped": "dropped modes", "off_mode": "off-mode fraction",
            "latent_mse": "final-latent MSE vs teacher", "path_kl": "path KL on own rollouts (nats/dim)"}
 
-def plot_ablation(df: pd.DataFrame, ref: Optional[pd.DataFrame] = None, x: str = "step", metrics: Optional[Sequence[str]] = None, size: float = 3.2):
+def plot_ablation(df: pd.DataFrame, ref: Optional[pd.DataFrame] = None, x: str = "step", metrics: Optional[Sequence[str]] = None, size: float = 2.7):
     "Learning curves per arm: mean over seeds with its 95% CI band, against optimizer steps (`x='step'`) or model forwards (`x='forwards'`)."
     import matplotlib.pyplot as plt
     metrics = [k for k in (metrics or ("nll", "tv", "dropped", "off_mode", "latent_mse", "path_kl")) if k in df]
     if "nll" in metrics: metrics = [k for k in metrics if k != "latent_mse"]     # exact runs: the truth, not the teacher's samples
-    fig, axs = plt.subplots(1, len(metrics), figsize=(size * len(metrics), size * 0.9), squeeze=False)
-    for ax, k in zip(axs[0], metrics):
+    ncol = min(3, len(metrics)); nrow = -(-len(metrics) // ncol)           # ≤ 3 panels a row: legible at page width
+    fig, axs = plt.subplots(nrow, ncol, figsize=(size * ncol, size * 0.85 * nrow), squeeze=False)
+    for ax in list(axs.flat)[len(metrics):]: ax.axis("off")
+    for ax, k in zip(axs.flat, metrics):
         for arm, g in df.groupby("arm", sort=False):
             pts = g.assign(forwards=_forwards(g)).groupby("step").agg(xv=(x, "mean"), m=(k, "mean"))
             ci = np.array([seed_ci(h[k])[1:] for _, h in g.groupby("step")])

@@ -89,14 +89,14 @@ def vae_decode_flops(resolution: int, arch: str = "sd35-large") -> float:
 
 # %% ../nbs/16_plan.ipynb #cde84144
 # Every GPU timing the project has (H200, random init, bf16 autocast, eager unless `compiled`; diffusers 0.42.1).
-# DESIGN-notes rows (2026-11-24) used 77 T5 tokens (154 text tokens); the bench rows (2026-11-26, `opd-bench`) 256 (333).
+# The rows measured 2026-11-24 (first GPU session) used 77 T5 tokens (154 text tokens); the bench rows (2026-11-26, `opd-bench`) 256 (333).
 MEASURED = [
     # one forward, no grad: (model, resolution, text tokens, images per forward) -> seconds per forward
     *[dict(kind="forward", model="sd35-large", resolution=512, text_tokens=333, images=n, seconds=ms * n / 1e3, compiled=False,
            source="opd-bench teacher throughput, 2026-11-26") for n, ms in zip((1, 2, 4, 8, 16, 32, 64), (56.8, 31.1, 27.5, 25.9, 25.2, 25.0, 25.2))],
-    dict(kind="forward", model="sd35-large", resolution=1024, text_tokens=154, images=8, seconds=8 * 0.088, compiled=False, source="design notes §4, 2026-11-24"),
-    dict(kind="forward", model="sd35-medium", resolution=512, text_tokens=154, images=8, seconds=8 * 0.009, compiled=False, source="design notes §4, 2026-11-24"),
-    dict(kind="forward", model="sd35-medium", resolution=1024, text_tokens=154, images=8, seconds=8 * 0.0385, compiled=False, source="design notes §4, 2026-11-24"),
+    dict(kind="forward", model="sd35-large", resolution=1024, text_tokens=154, images=8, seconds=8 * 0.088, compiled=False, source="H200 measurement, 2026-11-24"),
+    dict(kind="forward", model="sd35-medium", resolution=512, text_tokens=154, images=8, seconds=8 * 0.009, compiled=False, source="H200 measurement, 2026-11-24"),
+    dict(kind="forward", model="sd35-medium", resolution=1024, text_tokens=154, images=8, seconds=8 * 0.0385, compiled=False, source="H200 measurement, 2026-11-24"),
     dict(kind="forward", model="sd35-large", resolution=512, text_tokens=333, images=16, seconds=0.4035, compiled=False, source="opd-bench --compile: grading forward, 8 states × CFG, 2026-11-26"),
     dict(kind="forward", model="sd35-large", resolution=512, text_tokens=333, images=16, seconds=0.2457, compiled=True, source="opd-bench --compile: grading forward, 8 states × CFG, 2026-11-26"),
     dict(kind="forward", model="sd35-medium", resolution=512, text_tokens=333, images=2, seconds=0.0510, compiled=False, source="opd-bench --compile: rollout forward, batch 2, 2026-11-26"),
@@ -112,8 +112,8 @@ MEASURED = [
     dict(kind="iteration", resolution=1024, batch=1, lora=False, seconds=2.783, compiled=False, source="opd-bench, 2026-11-26"),
     dict(kind="iteration", resolution=1024, batch=1, lora=False, seconds=1.749, compiled=True, source="opd-bench, 2026-11-26"),
     # VAE decode, per image
-    dict(kind="vae", resolution=512, images=1, seconds=0.021, compiled=False, source="design notes §4, 2026-11-24"),
-    dict(kind="vae", resolution=1024, images=1, seconds=0.085, compiled=False, source="design notes §4, 2026-11-24"),
+    dict(kind="vae", resolution=512, images=1, seconds=0.021, compiled=False, source="H200 measurement, 2026-11-24"),
+    dict(kind="vae", resolution=1024, images=1, seconds=0.085, compiled=False, source="H200 measurement, 2026-11-24"),
 ]
 MEASURED_ON = "h200"
 
