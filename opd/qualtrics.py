@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import (OpdError, QualtricsConfig, cli_main, config_from_args, config_hash, config_parser,
                         load_config, print_config, runs_dir)
-from .config import latest_dir, public_url_problem, redact_url, set_latest, short_hash
+from .config import check_out, latest_dir, public_url_problem, redact_url, set_latest, short_hash
 from .samples import (ARMS, SAMPLE_COLUMNS, confined_path, csv_text, make_fake_eval_run, read_csv, read_samples,
                          write_csv)   # the samples contract (chapter 17)
 from .stats import md_table, wilson
@@ -584,6 +584,7 @@ def export_cli(argv=None) -> SurveyExport | None:
     cfg = config_from_args(args)
     if args.print_config: print_config(cfg); return None
     run_dir = _run_dir_from_args(args)
+    check_out(run_dir, "--run-dir")                 # the survey is written into the run: not inside nbs/, writable
     urls = read_image_urls(args.image_urls) if args.image_urls else None
     ex = export_survey(run_dir, cfg.qualtrics, seed=cfg.seed, models=(cfg.model.teacher, cfg.model.student), image_urls=urls)
     if w := placeholder_warning(cfg.qualtrics, urls): print(w, file=sys.stderr)
@@ -857,13 +858,14 @@ class SurveyAnalysis:
 
 def analyze_survey(responses, key, out=None, level: float = 0.95) -> SurveyAnalysis:
     "Read a Qualtrics export and the key, drop excluded responses, write the win-rate table, plot and summary."
+    out = Path(out) if out is not None else Path(key).parent / "analysis"
+    check_out(out)                                   # not inside nbs/, writable: before reading anything
     k = read_key(key)
     resp = read_qualtrics_csv(responses)
     trials, parts = score_responses(resp, k)
     excluded = {r: int(n) for r, n in parts.reason[parts.reason != ""].value_counts().items()}
     if trials.empty: raise OpdError("--responses", str(responses), msg=f"--responses={str(responses)!r}: no kept response answers any comparison ({len(parts)} responses, dropped: {excluded or 'none'}); allowed: an export with finished responses of real participants that pass the attention checks")
     table = win_rates(trials, level)
-    out = Path(out) if out is not None else Path(key).parent / "analysis"
     if out.exists() and not out.is_dir(): raise OpdError("--out", str(out), "a directory path")
     pos = wilson(int(trials.chose_a.sum()), len(trials), level)
     summary = dict(responses=len(parts), kept=int(parts.kept.sum()), excluded=excluded, export_id=k.export_id.iloc[0],

@@ -80,6 +80,8 @@ CASES = [
       for s in (D, "opd-pipeline", "opd-build-teacher-dataset", "opd-generate-prompts", "opd-bench", "opd-plan")],
     Case(["opd-eval", "--ckpt", "{copy}", "--out", "{nbs}/opd-bad-eval"], 2, ("outside nbs/",), watch=("{nbs}", "{copy}"), setup=copy),
     Case(["opd-hub-replica", "--out", "{nbs}/opd-bad-hub"], 2, ("outside nbs/",), watch=("{nbs}",)),
+    Case(["opd-export-qualtrics", "--stage", "tiny", "--run-dir", "{nbs}/opd-bad-run"], 2, ("--run-dir", "outside nbs/"), watch=("{nbs}",)),
+    Case(["opd-analyze-survey", "--responses", "{nbs}/r.csv", "--key", "{nbs}/key.csv", "--out", "{nbs}/opd-bad-analysis"], 2, ("--out", "outside nbs/"), watch=("{nbs}",)),
     Case([D, *TINY, "--out", "{tmp}/afile/run"], 2, ("is a file", "a directory path"), setup=afile),
     Case([D, *TINY, "--out", "/proc/opd-no-such/run"], 2, ("error:", "/proc/opd-no-such")),
     # corrupt state files
