@@ -400,6 +400,9 @@ def check_out(path, what: str = "--out") -> Path:
     if not q.is_dir(): raise OpdError(what, str(path), msg=f"{what}={str(path)!r}: {q} is a file; allowed: a directory path")
     if not os.access(q, os.W_OK | os.X_OK):
         raise OpdError(what, str(path), msg=f"{what}={str(path)!r}: {q} is not writable (read-only or no permission); allowed: a writable location")
+    try: tempfile.TemporaryFile(dir=q).close()      # os.access says yes to root everywhere (e.g. /proc): try it, leaving nothing behind
+    except OSError as e:
+        raise OpdError(what, str(path), msg=f"{what}={str(path)!r}: {q} does not take new files ({e.strerror or e}); allowed: a writable location")
     return Path(path)
 
 def check_run(cfg: Config, out=None) -> Path:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import (Config, EvalConfig, OpdError, cli_main, config_hash, config_parser, load_config, print_config,
                         repro_keys, run_id)
-from .config import LATEST, check_device, check_out, eval_key, latest_dir, read_json, set_latest
+from .config import LATEST, check_device, check_out, eval_key, latest_dir, read_json, read_jsonl, set_latest
 from .rollout import PromptBatch, RolloutEngine, TrajectoryBatch, images_per_state
 from .stats import CI, bootstrap_ci, derive_seed, md_table, paired_delta_ci
 from .models import save_png, to_uint8
@@ -555,10 +555,7 @@ def plot_training_curves(metrics_jsonl, path) -> Optional[Path]:
     "Loss, KL, velocity MSE, grad norm and lr against the step (and the held-out MSE where logged)."
     p = Path(metrics_jsonl)
     if not p.is_file(): return None
-    rows = []
-    for line in p.read_text().splitlines():
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError: break
+    rows = read_jsonl(p)                                      # a torn last line (a kill) is skipped with a warning
     if not rows: return None
     df = pd.DataFrame(rows)
     panels = [c for c in ("total_loss", "kl_loss", "mse_loss", "grad_norm", "lr", "heldout_latent_mse") if c in df and df[c].notna().any()]
@@ -797,7 +794,7 @@ def evaluate(cfg: Config, # the run's resolved config (its eval group says what 
                  "metrics": plot_metric_bars(summary, tmp / "metrics.png"),
                  "gap closed": plot_gap_closed(summary, tmp / "gap_closed.png")}
         seconds = time.perf_counter() - t_start
-        info = dict(run_id=json.loads((ck.run_dir / "run.json").read_text()).get("run_id", run_id(cfg)) if (ck.run_dir / "run.json").is_file() else run_id(cfg),
+        info = dict(run_id=read_json(ck.run_dir / "run.json").get("run_id", run_id(cfg)) if (ck.run_dir / "run.json").is_file() else run_id(cfg),
                     ckpt=os.path.relpath(ck.path, root), ckpt_label=ck.label, weights=weights, stage=cfg.stage, config_hash=config_hash(cfg), config_note=note,
                     K=engine.K, noise_level=cfg.distill.noise_level, seed=cfg.seed, seeds_per_prompt=ec.seeds_per_prompt,
                     n_prompts=len({(it.split, it.prompt_id) for it in items}),

@@ -207,7 +207,7 @@ class ModelSpec:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def _spec_allowed(student: bool) -> str:
-    extra = ", prune:teacher" if student else ", exact:gmm (the closed-form teacher of opd.exact)"
+    extra = ", prune:teacher" if student else ", exact:gmm (the closed-form Gaussian-mixture teacher of opd.gmm)"
     return f"random:<{'|'.join(ARCHS)}>, a hub id (org/name), or an existing local folder{extra}"
 
 def parse_spec(spec: str, field: str = "model.teacher") -> ModelSpec:
@@ -455,7 +455,14 @@ def _check_layout(spec: ModelSpec, field: str, needs_pipeline: bool) -> str:
 def check_sources(cfg: Config) -> dict:
     "Resolve `model.teacher` and `model.student` from small files only; one-line `OpdError` for each problem. Returns {role: ModelSpec}."
     m = cfg.model
-    if str(m.teacher).strip().startswith("exact:"): return {}
+    if str(m.teacher).strip().startswith("exact:"):                  # the closed-form teacher: its spec and its student, no files
+        from opd.gmm import parse_exact_spec
+        parse_exact_spec(m.teacher)
+        if str(m.student).startswith("prune:"):
+            raise OpdError("model.student", m.student, msg=f"model.student={m.student!r} cannot prune an exact teacher; allowed: random:<arch>, a hub id or a local folder")
+        student = parse_spec(m.student, "model.student")
+        if student.kind == "local": _check_layout(student, "model.student", needs_pipeline=False)
+        return {"student": student}
     specs = {"teacher": parse_spec(m.teacher, "model.teacher"), "student": parse_spec(m.student, "model.student")}
     index = {}
     for role, spec in specs.items():

@@ -25,7 +25,7 @@ else text/plain: pandas' plain view truncates by width). Not compared:
 stderr (warnings, progress bars), image bytes (only that an image is there), execution counts.
 Normalisation, so that a run on another machine of the same kind agrees: every decimal number
 (`0.12345`, `1e-05`) rounded to 3 significant digits; numbers followed by a time unit
-(`s`, `ms`, `µs`, `min`, `h`, `it/s`, `s/it`), tqdm's `[00:01<00:02, ...]`, ISO timestamps, `/tmp/...` paths
+(`s`, `ms`, `µs`, `min`, `h`, `it/s`, `s/it`), tqdm's `[00:01<00:02, ...]`, ISO timestamps, the checkout's own path (`<repo>`), `/tmp/...` paths
 `0x...` addresses, hex strings of 12+ digits with a letter (git commits, `+dirty`, content hashes) and free disk
 space (`77.5 GB free`) masked. A cell whose text is volatile by nature (e.g. a wall-clock benchmark table)
 carries the directive `#| volatile`: `check` then only requires that it still has the same kinds of output.
@@ -120,7 +120,8 @@ def _round(m):
     return f'{x:.3g}' if x else '0'
 
 def normalise(text):
-    "Mask timings, timestamps, temp paths and addresses; round decimals to 3 significant digits"
+    "Mask the checkout's own path, timings, timestamps, temp paths and addresses; round decimals to 3 significant digits"
+    text = text.replace(str(ROOT), '<repo>')                      # a clone elsewhere (CI) prints its own absolute paths
     for pat, rep in _SUBS: text = pat.sub(rep, text)
     return _NUM.sub(_round, text)
 
