@@ -117,7 +117,8 @@ def made_from(name: str, run_dir: Path) -> Optional[str]:
     run_dir = Path(run_dir)
     if name == "eval":
         ts = run_dir / "train_summary.json"
-        return f"student-{short_hash(read_json(ts))}" if ts.is_file() else None
+        if not ts.is_file(): return None
+        return f"student-{short_hash({k: v for k, v in read_json(ts).items() if k != 'wall_s'})}"   # what training produced, not how long it took
     if name in ("grids", "survey"): return latest_dir(run_dir).name
     return None
 

@@ -112,6 +112,7 @@ _SUBS = [
     (re.compile(r'[\d.]+ ?[KMGT]i?B (free|available)'), '<free space>'),                             # disk space left
     (re.compile(r'(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\s?' + _UNIT), '<time>'),
 ]
+_CHECKOUT = re.compile(r"(?:/[\w.+-]+)+/(?=(?:nbs|outputs)/)")   # <any absolute checkout>/nbs/…, …/outputs/…
 _NUM = re.compile(r'(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][-+]?\d+)?(?![\w.])')
 
 def _round(m):
@@ -121,7 +122,8 @@ def _round(m):
 
 def normalise(text):
     "Mask the checkout's own path, timings, timestamps, temp paths and addresses; round decimals to 3 significant digits"
-    text = text.replace(str(ROOT), '<repo>')                      # a clone elsewhere (CI) prints its own absolute paths
+    text = text.replace(str(ROOT), '<repo>')                      # a clone elsewhere (CI) prints its own absolute paths,
+    text = _CHECKOUT.sub('<repo>/', text)                         # and stored outputs hold the path of the checkout that ran them
     for pat, rep in _SUBS: text = pat.sub(rep, text)
     return _NUM.sub(_round, text)
 
