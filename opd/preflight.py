@@ -209,6 +209,10 @@ def _hf_cache_dir(ctx: PreflightContext) -> Path:
     from huggingface_hub import constants
     return Path(ctx.hf_cache or constants.HF_HUB_CACHE)
 
+def _readable_bytes(b: float) -> str:
+    "Bytes as a reader wants them: whole MB below a GB, then GB to one decimal."
+    return f"{b / 1e6:.0f} MB" if b < 1e9 else f"{b / 1e9:.1f} GB"
+
 @preflight_check("disk")
 def disk_check(cfg: Config, ctx: PreflightContext) -> list[Check]:
     plan = disk_plan(cfg, ctx.hf_cache)
@@ -219,7 +223,7 @@ def disk_check(cfg: Config, ctx: PreflightContext) -> list[Check]:
         if need[k]: by_fs.setdefault(os.stat(where[k]).st_dev, []).append(k)
     for dev, ks in by_fs.items():
         total, free = sum(need[k] for k in ks), ctx.free_bytes(where[ks[0]])
-        what = " + ".join(f"{'run folder' if k == 'run' else 'HF cache'} {need[k] / 1e9:.3g} GB" for k in ks)
+        what = " + ".join(f"{'run folder' if k == 'run' else 'HF cache'} {_readable_bytes(need[k])}" for k in ks)
         ok = total <= free
         out.append(Check("disk", ok, f"{what} needed, {free / 1e9:.3g} GB free on {where[ks[0]]}",
                          "" if ok else f"free {(total - free) / 1e9:.3g} GB, or --out / HF_HOME on a larger disk, or --set train.keep_checkpoints=1"))
