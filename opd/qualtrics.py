@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .config import (OpdError, QualtricsConfig, cli_main, config_from_args, config_hash, config_parser,
                         load_config, print_config, runs_dir)
-from .config import check_out, latest_dir, public_url_problem, redact_url, set_latest, short_hash
+from .config import RUN_NAME_RE, check_out, latest_dir, public_url_problem, redact_url, set_latest, short_hash
 from .samples import (ARMS, SAMPLE_COLUMNS, confined_path, csv_text, make_fake_eval_run, read_csv, read_samples,
                          write_csv)   # the samples contract (chapter 17)
 from .stats import md_table, wilson
@@ -567,7 +567,7 @@ def _run_dir_from_args(args) -> Path:
     if len(given) > 1: raise OpdError(given[1][0], given[1][1], msg=f"{given[0][0]} and {given[1][0]} both name the run; allowed: exactly one of --run-id, --run-dir")
     name, v = given[0]
     if name == "--run-id":
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v) or v in (".", ".."): raise OpdError("--run-id", v, "a run id such as tiny-1a2b3c4d (a folder name under outputs/runs/)")
+        if not RUN_NAME_RE.fullmatch(v): raise OpdError("--run-id", v, "a run id such as tiny-1a2b3c4d (a folder name under outputs/runs/)")
         return runs_dir() / v
     return Path(v)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import OpdError
+from .config import OpdError, read_jsonl
 from .models import save_png, to_uint8
 from .rollout import PromptBatch, RolloutEngine
 from .stats import derive_seed
@@ -31,7 +31,6 @@ def parse_snapshots(policy: str, K: int) -> list[int]:
 def build_teacher_dataset(pair, cfg, run_dir, records: list[dict], snapshots: str = "none", batch_size: int = 8, progress: bool = True) -> Path:
     "Teacher samples for `records` under `run_dir/teacher_dataset/` (resumable); returns the folder."
     from safetensors.torch import save_file
-    from opd.config import read_jsonl
     out = Path(run_dir) / "teacher_dataset"
     (out / "images").mkdir(parents=True, exist_ok=True); (out / "latents").mkdir(exist_ok=True)
     man = out / "manifest.jsonl"
